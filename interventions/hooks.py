@@ -1,0 +1,126 @@
+"""The only code that touches torch hooks. `hooked` installs handlers on sites and always removes them.
+
+A handler receives a site's whole value (head sites viewed as [batch, seq, heads, head_dim]) and
+returns a replacement or None. With ``stop_after``, the forward is cut short by `StopForward` as
+soon as every listed site has been seen, so no later layer and no output head runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from einops import rearrange
+
+from .graph import SiteGraph, SitePoint
+
+Handler = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early; caught by `run_until`."""
+
+
+def _first(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # a Hugging Face ModelOutput (an OrderedDict)
+        return output[next(iter(output.keys()))]
+    return output[0]
+
+
+def _replace_first(output, new):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, Mapping):
+        output[next(iter(output.keys()))] = new
+        return output
+    return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
+
+
+def _input_key(args, kwargs):
+    """Where a module's main input is: a positional index or a keyword."""
+    if args:
+        return 0
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return key
+    raise RuntimeError("hooked module received no tensor input")
+
+
+def _make_hook(point: SitePoint, fn: Callable[[torch.Tensor], "torch.Tensor | None"]):
+    if point.kind == "output":
+        def hook(module, args, output):
+            new = fn(_first(output))
+            return None if new is None else _replace_first(output, new)
+        return point.module.register_forward_hook(hook)
+
+    heads = point.num_heads if point.kind == "heads" else None
+
+    def pre_hook(module, args, kwargs):
+        key = _input_key(args, kwargs)
+        value = args[key] if isinstance(key, int) else kwargs[key]
+        if heads is not None:
+            value = rearrange(value, "... (h d) -> ... h d", h=heads)
+        new = fn(value)
+        if new is None:
+            return None
+        if heads is not None:
+            new = rearrange(new, "... h d -> ... (h d)")
+        if isinstance(key, int):
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, key: new}
+
+    return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+@contextmanager
+def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_after: Iterable[str] = ()):
+    """Install `handlers` (site name -> handlers applied in order) for the duration of the block."""
+    pending = set(stop_after)
+    handles = []
+
+    def for_site(name: str, fns: list[Handler]):
+        def fn(value):
+            for f in fns:
+                new = f(value)
+                if new is not None:
+                    value = new
+            if name in pending:
+                pending.discard(name)
+                if not pending:
+                    raise StopForward
+            return value if fns else None
+        return fn
+
+    names = list(handlers) + [n for n in pending if n not in handlers]
+    points = {name: graph.point(name) for name in names}  # resolve all first: errors before any hook
+    try:
+        for name in names:
+            handles.append(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def call(model, inputs):
+    """Call `model` on `inputs`: a tensor (first argument) or a mapping of keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def run_until(model, inputs, graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]],
+              stop_after: Iterable[str]):
+    """Run `model` with `handlers` installed, stopping once every site in `stop_after` was seen."""
+    stop_after = list(stop_after)
+    with hooked(graph, handlers, stop_after):
+        try:
+            return call(model, inputs)
+        except StopForward:
+            return None
