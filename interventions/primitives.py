@@ -101,22 +101,39 @@ def _prepare(graph: SiteGraph, sites: list[Site], inputs: Inputs | None) -> list
     return out
 
 
-def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor) -> None:
-    """Raise ShapeError unless `value` fits `site`'s selection of `full` (batch may broadcast from 1)."""
-    if full.dim() == 2 and site.positions is not None:
-        raise SelectorError(
-            f"positions given for '{site.name}', whose value has no sequence axis (shape {tuple(full.shape)})."
-        )
-    if site.dims is not None:
-        check_dims(site, full.shape[-1])
-    idx = site.index(full.shape, full.device)
-    expected = tuple(full.shape) if idx is None else tuple(torch.broadcast_shapes(*(i.shape for i in idx)))
+def _selected_shape(site: Site, shape) -> tuple:
+    """The shape of `site`'s selection of a value of `shape`."""
+    idx = site.index(shape, "cpu")
+    return tuple(shape) if idx is None else tuple(torch.broadcast_shapes(*(i.shape for i in idx)))
+
+
+def _require_shape(site: Site, value: torch.Tensor, expected: tuple) -> None:
     got = tuple(value.shape)
     if got != expected and not (len(got) == len(expected) and got[0] == 1 and got[1:] == expected[1:]):
         raise ShapeError(
             f"value for '{site.name}' has shape {got}; the site (with its selectors) has shape {expected} "
             "[batch, positions, (heads,) dims] (a batch of 1 broadcasts)."
         )
+
+
+def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise unless `value` fits `site`'s selection of `full` (batch may broadcast from 1)."""
+    if full.dim() == 2 and site.positions is not None:
+        raise SelectorError(
+            f"positions given for '{site.name}', whose value has no sequence axis (shape {tuple(full.shape)})."
+        )
+    if site.dims is not None:
+        check_dims(site, full.shape[-1])
+    _require_shape(site, value, _selected_shape(site, full.shape))
+
+
+def _precheck_value(graph: SiteGraph, site: Site, value: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Check a tensor value's shape before any forward, where the site's shape is known in advance."""
+    point = graph.point(site.name)
+    if point.width is None or point.is_model_output:
+        return  # module sites and logits: checked when the value is reached
+    shape = [batch, seq_len] + ([point.num_heads] if point.kind == "heads" else []) + [point.width]
+    _require_shape(site, value, _selected_shape(site, shape))
 
 
 def _setter(site: Site, value: Value) -> Handler:
@@ -166,6 +183,7 @@ def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) ->
     if not isinstance(values, Mapping) or not values:
         raise InterventionError("values must be a non-empty mapping from sites to tensors (or callables)")
     sites = _prepare(graph, [as_site(s) for s in values], inputs)
+    batch, seq_len = _shape(inputs) if inputs is not None else (None, None)
     handlers: dict[str, list[Handler]] = {}
     for site, value in zip(sites, values.values()):
         if not (isinstance(value, torch.Tensor) or callable(value)):
@@ -173,6 +191,8 @@ def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) ->
                 f"value for '{site.name}' must be a tensor or a callable (e.g. an Intervention), "
                 f"got {type(value).__name__}"
             )
+        if isinstance(value, torch.Tensor) and batch is not None and seq_len is not None:
+            _precheck_value(graph, site, value, batch, seq_len)
         handlers.setdefault(site.name, []).append(_setter(site, value))
     return handlers
 

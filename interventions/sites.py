@@ -23,9 +23,11 @@ def _freeze_ints(value, what: str):
         return value
     if isinstance(value, int):
         return (value,)
+    if isinstance(value, (str, bytes)):
+        raise SelectorError(f"{what} must be a list of ints, got {value!r}")
     try:
         out = tuple(int(v) for v in value)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise SelectorError(f"{what} must be a list of ints, got {value!r}") from e
     if not out:
         raise SelectorError(f"{what} must not be empty (use None to select all)")
