@@ -4,6 +4,10 @@ Public API (what applications may use): sites and the site graph, the primitives
 `set_value` and `interchange`, intervention types, the patching sweep, and the errors.
 """
 
+from . import alignments
+from .alignment import Alignment, interchange_aligned
+from .cache import BlockRecording, record_blocks, replay_blocks
+from .causal_model import CausalModel, CounterfactualDataset
 from .errors import (
     AlignmentError,
     CausalModelError,
@@ -24,14 +28,21 @@ from .operators import (
     RotatedSubspace,
     Zero,
 )
+from .patching import patching_sweep
+from .metrics import IIAResult, RotatedDims, iia, iit_loss, interchange_output
 from .primitives import get_value, interchange, set_value
+from .training import das_loss, frozen, mixed_batches, task_loss
 from .sites import Site
 
 __all__ = [
     "Site", "SiteGraph",
-    "get_value", "set_value", "interchange",
+    "get_value", "set_value", "interchange", "patching_sweep",
     "Intervention", "Replace", "Zero", "Constant", "Add", "Rotation", "RotatedSubspace",
     "LowRankRotatedSubspace",
     "InterventionError", "UnknownSiteError", "SelectorError", "ShapeError", "UnsupportedModelError",
     "AlignmentError", "CausalModelError",
+    "Alignment", "alignments", "interchange_aligned",
+    "BlockRecording", "record_blocks", "replay_blocks",
+    "CausalModel", "CounterfactualDataset", "IIAResult", "RotatedDims", "iia", "iit_loss", "interchange_output",
+    "das_loss", "frozen", "mixed_batches", "task_loss",
 ]

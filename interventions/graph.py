@@ -33,6 +33,7 @@ class SitePoint:
     num_heads: int | None = None
     width: int | None = None  # size of the last axis where it is known in advance
     is_model_output: bool = False  # the root module's output (the `logits` site)
+    tokens_of: nn.Module | None = None  # the value is [batch*seq, ...]: view it by this module's input shape
 
 
 def _get_module(root: nn.Module, path: str) -> nn.Module:
@@ -139,7 +140,8 @@ class SiteGraph:
                 self._add(f"{p}.attention_output", SitePoint(
                     block.get_submodule(fam.attention), "output", width=self.hidden_size))
                 self._add(f"{p}.mlp_output", SitePoint(
-                    block.get_submodule(fam.mlp), "output", width=self.hidden_size))
+                    block.get_submodule(fam.mlp), "output", width=self.hidden_size,
+                    tokens_of=block if fam.mlp_flattens else None))
             self._add(f"{p}.output", SitePoint(block, "output", width=self.hidden_size))
             g = self.graph
             if fam is not None:

@@ -23,11 +23,16 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass early; caught by `run_until`."""
 
 
+def _main_key(output: Mapping):
+    """A ModelOutput's main entry: 'logits' when present (with labels, 'loss' comes first), else the first."""
+    return "logits" if "logits" in output else next(iter(output.keys()))
+
+
 def _first(output):
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):  # a Hugging Face ModelOutput (an OrderedDict)
-        return output[next(iter(output.keys()))]
+        return output[_main_key(output)]
     return output[0]
 
 
@@ -35,7 +40,7 @@ def _replace_first(output, new):
     if isinstance(output, torch.Tensor):
         return new
     if isinstance(output, Mapping):
-        output[next(iter(output.keys()))] = new
+        output[_main_key(output)] = new
         return output
     return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
 
@@ -52,12 +57,32 @@ def _input_key(args, kwargs):
     raise RuntimeError("hooked module received no tensor input")
 
 
-def _make_hook(point: SitePoint, fn: Callable[[torch.Tensor], "torch.Tensor | None"]):
+def _unflattened(point: SitePoint, fn: Handler) -> tuple[Handler, list]:
+    """For a value the model flattens to [batch*seq, ...] (OPT's MLP), show `fn` a [batch, seq, ...] view."""
+    lead: list = []
+
+    def record(module, args, kwargs):
+        key = _input_key(args, kwargs)
+        lead[:] = (args[key] if isinstance(key, int) else kwargs[key]).shape[:-1]
+
+    def view_fn(value):
+        new = fn(value.view(*lead, value.shape[-1]) if value.dim() == 2 and lead else value)
+        return None if new is None else new.reshape(value.shape)
+
+    return view_fn, [point.tokens_of.register_forward_pre_hook(record, with_kwargs=True)]
+
+
+def _make_hook(point: SitePoint, fn: Handler) -> list:
+    """Install `fn` at `point`; returns the hook handles."""
     if point.kind == "output":
+        extra = []
+        if point.tokens_of is not None:
+            fn, extra = _unflattened(point, fn)
+
         def hook(module, args, output):
             new = fn(_first(output))
             return None if new is None else _replace_first(output, new)
-        return point.module.register_forward_hook(hook)
+        return extra + [point.module.register_forward_hook(hook)]
 
     heads = point.num_heads if point.kind == "heads" else None
 
@@ -75,7 +100,7 @@ def _make_hook(point: SitePoint, fn: Callable[[torch.Tensor], "torch.Tensor | No
             return (new, *args[1:]), kwargs
         return args, {**kwargs, key: new}
 
-    return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
 
 @contextmanager
@@ -101,7 +126,7 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
     points = {name: graph.point(name) for name in names}  # resolve all first: errors before any hook
     try:
         for name in names:
-            handles.append(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
+            handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
         yield
     finally:
         for h in handles:

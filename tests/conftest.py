@@ -15,6 +15,7 @@ import torch
 import transformers as tf
 
 tf.logging.set_verbosity_error()
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend under pytest -n 2)
 
 VOCAB = 40
 
@@ -51,6 +52,7 @@ def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tor
     """A fresh tiny causal LM of `family` ('gpt2' or 'llama'), randomised, in eval mode."""
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model.config.use_cache = False  # no key/value cache: one less object per forward
     return randomise(model, seed).to(dtype).eval()
 
 
@@ -61,13 +63,18 @@ def tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
 
 def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
     """Every (module name, hook kind, hook id) installed on `model`'s modules."""
+    from torch.nn.modules import module as torch_module
+
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return {
+    found = {
         (name, kind, hid)
         for name, mod in model.named_modules()
         for kind in kinds
         for hid in getattr(mod, kind, {})
     }
+    for kind in kinds:  # torch's global (all-module) hooks too
+        found |= {("<global>", kind, hid) for hid in getattr(torch_module, "_global" + kind, {})}
+    return found
 
 
 @pytest.fixture(scope="module")

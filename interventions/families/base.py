@@ -16,6 +16,8 @@ class Family:
     num_heads:    config attribute holding the number of attention heads.
     parallel_residual: config attribute that, when true, feeds the MLP from the block input
                   (GPT-NeoX); or a bool.
+    mlp_flattens: the MLP sees tokens flattened to [batch*seq, hidden] (OPT); its site is
+                  still [batch, seq, hidden] (unflattened with the block input's shape).
     """
 
     name: str
@@ -27,3 +29,4 @@ class Family:
     num_heads: str = "num_attention_heads"
     hidden_size: str = "hidden_size"
     parallel_residual: str | bool = False
+    mlp_flattens: bool = False

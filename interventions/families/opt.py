@@ -7,4 +7,5 @@ OPT = Family(
     attention="self_attn",
     mlp="fc2",  # OPT has no MLP module: fc1 -> act -> fc2 (dropout is functional, after it)
     out_proj="self_attn.out_proj",
+    mlp_flattens=True,  # the block reshapes hidden states to [batch*seq, hidden] around fc1/fc2
 )

@@ -1,0 +1,14 @@
+"""Causal distillation (DIITO) and standard knowledge distillation of Hugging Face language models.
+
+Library pieces, one concept each: config (options), data (reading, tokenizing, batching), masking
+(MLM masking), pairing (sources and spans), objectives (pure losses), student (building students),
+step (one step's losses with the cached counterfactual pass), trainer (HF Trainer), evaluate
+(perplexity, IIA), demo (the embedded demo). CLI: ``python -m applications.distill --help``.
+"""
+
+from .config import DistillConfig, objective_weights
+from .errors import DataError, DistillConfigError, IncompatibleModelsError, NonFiniteLossError, SpanError
+from .step import Objectives, aligned_pairs, distill_losses
+
+__all__ = ["DistillConfig", "objective_weights", "Objectives", "aligned_pairs", "distill_losses",
+           "DataError", "DistillConfigError", "IncompatibleModelsError", "NonFiniteLossError", "SpanError"]

@@ -1,0 +1,148 @@
+"""ATKD (Zhong et al., ACL 2024): KD split into target (TKD) and non-target (DKD) parts, weighted by
+the teacher's uncertainty. Everything is per token over [batch, seq, vocab] tensors, in fp32, with no
+gathered [N, vocab] copies of the logits.
+
+For target g, p = softmax(z_T/τ), q = softmax(z_S/τ):
+    KL(p‖q) = KL(b_p‖b_q) + (1 − p_g) · KL(p̂‖q̂)  =  TKD + UNC · DKD,
+with b_· = [x_g, 1 − x_g] and x̂_i = x_i / (1 − x_g) over i ≠ g. Logs of (1 − x_g) are taken as a
+logsumexp over the non-target classes, which stays exact when x_g → 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import DataError, DistillConfigError
+
+
+def _check(teacher_logits, student_logits, targets, mask=None):
+    if teacher_logits.shape != student_logits.shape:
+        raise DataError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
+            "differ; both must be [batch, seq, vocab] over the same vocabulary"
+        )
+    if targets.shape != teacher_logits.shape[:-1]:
+        raise DataError(f"targets {tuple(targets.shape)} must be [batch, seq] = {tuple(teacher_logits.shape[:-1])}")
+    vocab = teacher_logits.shape[-1]
+    valid = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        values = sorted({int(t) for t in targets[bad].tolist()})[:5]
+        raise DataError(
+            f"targets {values} outside the vocabulary (valid 0..{vocab - 1}); mask those positions out "
+            "(e.g. label -100 with mask = labels != -100)"
+        )
+
+
+def _parts(log_x: torch.Tensor, target: torch.Tensor):
+    """log x_g, log(1 − x_g) and log x̂ (the non-target distribution; −inf at g)."""
+    log_g = log_x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    is_g = torch.zeros_like(log_x, dtype=torch.bool).scatter_(-1, target.unsqueeze(-1), True)
+    log_rest = log_x.masked_fill(is_g, float("-inf"))
+    log_not_g = torch.logsumexp(log_rest, dim=-1)
+    return log_g, log_not_g, log_rest - log_not_g.unsqueeze(-1), is_g
+
+
+def _binary_kl(log_a, log_not_a, log_b, log_not_b):
+    return log_a.exp() * (log_a - log_b) + log_not_a.exp() * (log_not_a - log_not_b)
+
+
+def kd_decomposition(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor, *,
+                     reverse: bool = False, temperature: float = 1.0):
+    """Per-token ``(tkd, dkd, unc)``, each [batch, seq], with KL = tkd + unc · dkd.
+
+    Forward KL(p_T ‖ q_S) by default; ``reverse=True`` decomposes KL(q_S ‖ p_T), whose `unc` is the
+    student's 1 − q_g (ATKD still ranks tokens by the teacher's uncertainty, see `atkd_loss`).
+    """
+    targets = targets.clamp(min=0)  # masked positions (e.g. -100) give finite, ignored values
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if reverse:
+        log_p, log_q = log_q, log_p
+    p_g, p_not, log_p_hat, is_g = _parts(log_p, targets)
+    q_g, q_not, log_q_hat, _ = _parts(log_q, targets)
+    tkd = _binary_kl(p_g, p_not, q_g, q_not)
+    diff = (log_p_hat - log_q_hat).masked_fill(is_g, 0.0)
+    dkd = (log_p_hat.exp() * diff).sum(-1)
+    return tkd, dkd, p_not.exp()
+
+
+Split = Literal["batch", "sequence", "global"]
+
+
+@dataclass(frozen=True)
+class ATKDConfig:
+    """ATKD knobs: L = λ · mean_easy(DKD) + (1 − λ) · mean_hard(TKD + DKD)."""
+
+    lam: float = 0.2
+    hard_fraction: float = 0.5
+    temperature: float = 1.0
+    reverse: bool = False
+    split: Split = "batch"  # where the uncertainty median is taken: per batch, per sequence, or global
+    global_momentum: float = 0.99  # for split="global": a running estimate of the threshold
+
+    def __post_init__(self):
+        if not 0.0 <= self.lam <= 1.0:
+            raise DistillConfigError(f"atkd lambda must be in [0, 1], got {self.lam}")
+        if not 0.0 < self.hard_fraction < 1.0:
+            raise DistillConfigError(f"atkd hard fraction must be in (0, 1), got {self.hard_fraction}")
+        if self.split not in ("batch", "sequence", "global"):
+            raise DistillConfigError(f"atkd split must be 'batch', 'sequence' or 'global', got {self.split!r}")
+
+
+def teacher_uncertainty(teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """UNC = 1 − p_g per token (not the entropy)."""
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _parts(log_p, targets.clamp(min=0))[1].exp()
+
+
+def hard_mask(unc: torch.Tensor, valid: torch.Tensor, fraction: float, split: Split = "batch",
+              threshold: float | None = None) -> torch.Tensor:
+    """Hard tokens: the `fraction` of valid tokens with the highest uncertainty (ties broken by order).
+
+    split="batch" ranks all valid tokens of the batch, "sequence" each row, "global" compares against
+    a given `threshold`.
+    """
+    if split == "global":
+        if threshold is None:
+            raise DistillConfigError("split='global' needs a threshold")
+        return valid & (unc >= threshold)
+    rows = unc.masked_fill(~valid, float("-inf"))
+    if split == "batch":
+        rows = rows.reshape(1, -1)
+    counts = valid.reshape(rows.shape).sum(-1, keepdim=True)
+    k = torch.ceil(counts * fraction).long()
+    rank = rows.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most uncertain
+    return ((rank < k) & valid.reshape(rows.shape)).reshape(unc.shape)
+
+
+def atkd_loss(teacher_logits, student_logits, targets, mask, config: ATKDConfig = ATKDConfig(), *,
+              threshold: float | None = None):
+    """The ATKD objective over the valid (mask == 1) tokens; returns (loss, stats dict)."""
+    _check(teacher_logits, student_logits, targets, mask)
+    valid = mask.bool()
+    if not bool(valid.any()):
+        raise DataError("ATKD got a batch with no valid tokens (all padding / ignored labels)")
+    tkd, dkd, _ = kd_decomposition(teacher_logits, student_logits, targets,
+                                   reverse=config.reverse, temperature=config.temperature)
+    unc = teacher_uncertainty(teacher_logits.detach(), targets, config.temperature)
+    hard = hard_mask(unc, valid, config.hard_fraction, config.split, threshold)
+    easy = valid & ~hard
+
+    def mean(x, m):
+        return (x * m).sum() / m.sum().clamp(min=1)
+
+    loss = config.lam * mean(dkd, easy) + (1.0 - config.lam) * mean(tkd + dkd, hard)
+    stats = {"atkd_hard_share": float(hard.sum() / valid.sum()), "teacher_unc": float(mean(unc, valid))}
+    return loss, stats
+
+
+def unsupported_kd(name: str):
+    """KD losses with no exact target/non-target decomposition are refused, not approximated."""
+    raise DistillConfigError(
+        f"ATKD wraps forward KL ('kl') and reverse KL ('reverse_kl') only: {name!r} has no exact "
+        "decomposition into TKD + UNC·DKD (see docs/atkd.md)"
+    )

@@ -1,0 +1,134 @@
+"""Reading text (plain lines, jsonl, a `datasets` dataset saved on disk), tokenizing, batching.
+
+Each non-empty line / record is one example, truncated to `max_length` tokens. Examples carry their
+dataset index (`idx`), which keys their masking and spans (see seeding.py). `train_tokenizer` makes a
+tokenizer with the `tokenizers` library for teachers that come without one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DataError
+
+
+def read_texts(path: str, text_column: str = "text") -> list[str]:
+    """The non-empty texts of a .txt file (one per line), a .jsonl file, or a saved `datasets` dataset."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file {path!r} does not exist")
+    if p.is_dir():
+        texts = _read_saved_dataset(p, text_column)
+    else:
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read data file {path!r} as UTF-8 text: {e}") from e
+        if p.suffix in (".jsonl", ".json"):
+            texts = []
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not a JSON object per line ({e})") from e
+                if not isinstance(record, dict) or text_column not in record:
+                    raise DataError(f"{path}:{n}: each JSON line needs a '{text_column}' field")
+                texts.append(str(record[text_column]))
+        else:
+            texts = raw.splitlines()
+    texts = [t.strip() for t in texts if t and t.strip()]
+    if not texts:
+        raise DataError(f"data file {path!r} holds no text (no non-empty line or record)")
+    return texts
+
+
+def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001 - any failure to open becomes one clear message
+        raise DataError(f"{str(p)!r} is a directory but not a dataset saved with save_to_disk: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"saved DatasetDict {str(p)!r} has no 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    if text_column not in ds.column_names:
+        raise DataError(f"dataset {str(p)!r} has no column '{text_column}' (columns: {ds.column_names})")
+    return list(ds[text_column])
+
+
+class TokenizedTexts(Dataset):
+    """Token id lists with their dataset index; `min_length` drops shorter examples (counted)."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data"):
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        self.examples = [ids for ids in encoded if len(ids) >= min_length]
+        self.dropped = len(encoded) - len(self.examples)
+        if not self.examples:
+            raise DataError(
+                f"{source}: every example is shorter than {min_length} tokens after tokenizing (the interchange "
+                "span needs that many); give longer texts."
+            )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.examples[i], "idx": i}
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each vocabulary id occurs (for the count^-0.7 masking weights)."""
+        flat = torch.tensor([t for ids in self.examples for t in ids], dtype=torch.long)
+        return torch.bincount(flat, minlength=vocab_size)[:vocab_size]
+
+
+class Collator:
+    """Right-pads a list of examples into input_ids / attention_mask / idx tensors."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for r, f in enumerate(features):
+            ids[r, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[r, : len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "idx": torch.tensor([f["idx"] for f in features])}
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, causal: bool):
+    """A fast tokenizer trained on `texts`: WordPiece with BERT specials (masked LMs) or byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if causal:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>", "<pad>"]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                       pad_token="<pad>", unk_token="<|endoftext|>")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")

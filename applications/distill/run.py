@@ -1,0 +1,161 @@
+"""`train(config)`: everything between a DistillConfig and a saved student directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .batching import BatchRecipe
+from .config import DistillConfig
+from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
+from .errors import DistillConfigError
+from .masking import token_weights
+from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer
+from .plot import plot_losses
+from .step import Objectives, aligned_pairs
+from .student import build_student, check_compatible, num_layers
+from .trainer import CSVLogCallback, DistillTrainer
+
+
+def resolve_objectives(weights: dict[str, float], causal: bool, explicit: bool) -> dict[str, float]:
+    """Swap the recipe's 'mlm' for 'clm' on causal LMs; refuse an explicit mismatch."""
+    lm, other = ("clm", "mlm") if causal else ("mlm", "clm")
+    if other in weights:
+        if explicit:
+            kind = "causal" if causal else "masked"
+            raise DistillConfigError(f"objective '{other}' does not fit a {kind} LM teacher; use '{lm}'")
+        weights = {(lm if k == other else k): v for k, v in weights.items()}
+    return weights
+
+
+def setup_tokenizer(cfg: DistillConfig, teacher: nn.Module, texts: list[str], tokenizer=None):
+    """The teacher's tokenizer, or one trained on the training texts with the teacher's vocabulary size."""
+    tokenizer = tokenizer or (load_tokenizer(cfg.teacher) if cfg.teacher else None)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, cfg.vocab_size or vocab, causal=is_causal_lm(teacher))
+    if len(tokenizer) > vocab:
+        raise DistillConfigError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only {vocab}")
+    return ensure_pad(tokenizer)
+
+
+def training_arguments(cfg: DistillConfig) -> TrainingArguments:
+    """The paper's optimisation (AdamW, betas (0.9, 0.98), eps 1e-6, 5% warmup, linear decay, clip 5)."""
+    cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=cfg.output_dir, max_steps=cfg.max_steps, num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
+        adam_epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, report_to=["tensorboard"], seed=cfg.seed,
+        data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=cpu,
+        ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+    )
+
+
+def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=None, callbacks=()) -> dict:
+    """Distil `cfg.teacher` into a student; returns a summary (paths, steps, final losses)."""
+    if cfg.teacher is None and teacher is None:
+        raise DistillConfigError("a teacher is needed: --teacher PATH (a save_pretrained directory or hub id)")
+    if cfg.train_file is None:
+        raise DistillConfigError("training data is needed: --train-file FILE (.txt, .jsonl or a saved dataset)")
+    texts = read_texts(cfg.train_file, cfg.text_column)  # bad data fails before any model is loaded
+    eval_texts = read_texts(cfg.eval_file, cfg.text_column) if cfg.eval_file else None
+    torch.manual_seed(cfg.seed)
+    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
+    causal = is_causal_lm(teacher)
+    tokenizer = setup_tokenizer(cfg, teacher, texts, tokenizer)
+    student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    weights = resolve_objectives(cfg.weights, causal, explicit=cfg.objectives is not None)
+    objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope)
+    needs_cos = "cos" in weights or "diito_cos" in weights
+    check_compatible(student, teacher, need_hidden=needs_cos, projection=cfg.cos_projection)
+    projection = None
+    hs, ht = student.config.hidden_size, teacher.config.hidden_size
+    if needs_cos and cfg.cos_projection and hs != ht:
+        projection = nn.Linear(hs, ht, bias=False)
+    pairs = tuple(aligned_pairs(cfg.alignment, num_layers(student), num_layers(teacher))) \
+        if objectives.counterfactual else ()
+    min_len = math.ceil(1 / cfg.span_fraction) if pairs else 1
+    dataset = TokenizedTexts(texts, tokenizer, cfg.max_length, min_len, source=cfg.train_file)
+    if dataset.dropped:
+        warnings.warn(f"dropped {dataset.dropped} training examples shorter than {min_len} tokens "
+                      "(too short for an interchange span)", stacklevel=2)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    special = list(tokenizer.all_special_ids)
+    recipe = BatchRecipe(
+        causal=causal, seed=cfg.seed, pairs=pairs,
+        token_weights=None if causal else token_weights(dataset.token_counts(vocab), special, cfg.mlm_smoothing),
+        mask_token_id=tokenizer.mask_token_id, vocab_size=vocab, mlm_probability=cfg.mlm_probability,
+        mask_split=cfg.mask_split, span_mode=cfg.span_mode, span_fraction=cfg.span_fraction)
+    if not causal and tokenizer.mask_token_id is None:
+        raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = DistillTrainer(
+        model=student, args=training_arguments(cfg), train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id), teacher=teacher, objectives=objectives, recipe=recipe,
+        projection=projection, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+    resume = cfg.resume
+    if resume is True or resume == "auto" or resume == "latest":
+        resume = get_last_checkpoint(str(out))
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "objectives": weights, "causal": causal,
+               "student_layers": num_layers(student), "teacher_layers": num_layers(teacher)}
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        if projection is not None:
+            torch.save(projection.state_dict(), out / "cos_projection.pt")
+        (out / "distill_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_objectives": weights},
+                                                             indent=2, default=str))
+        if cfg.plot and (out / "log.csv").is_file():
+            summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
+        if eval_texts is not None:
+            from .evaluate import evaluate
+
+            summary["eval"] = evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
+                                       max_length=cfg.max_length, seed=cfg.seed, batch_size=cfg.batch_size,
+                                       span_fraction=cfg.span_fraction)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) -> dict:
+    """Plain MLM/CLM training of `model` (e.g. a demo teacher) with the same Trainer and schedule."""
+    causal = is_causal_lm(model)
+    tokenizer = ensure_pad(tokenizer)
+    dataset = TokenizedTexts(texts, tokenizer, cfg.max_length, 1, source="pretraining data")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    recipe = BatchRecipe(
+        causal=causal, seed=cfg.seed, pairs=(),
+        token_weights=None if causal else token_weights(dataset.token_counts(vocab), tokenizer.all_special_ids,
+                                                         cfg.mlm_smoothing),
+        mask_token_id=tokenizer.mask_token_id, vocab_size=vocab, mlm_probability=cfg.mlm_probability,
+        mask_split=cfg.mask_split)
+    out = Path(cfg.output_dir)
+    trainer = DistillTrainer(
+        model=model, args=training_arguments(cfg), train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id), teacher=None,
+        objectives=Objectives({"clm" if causal else "mlm": 1.0}, causal), recipe=recipe,
+        callbacks=[CSVLogCallback(out / "log.csv")])
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+    result = trainer.train()
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    return {"output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": result.training_loss}

@@ -1,0 +1,147 @@
+"""The fast DIITO step (cached standard pass, replayed lower blocks) against naive interchanges computed
+with the public `interchange`; students built from teachers; alignment checks."""
+
+import pytest
+import torch
+import transformers as tf
+
+from applications.distill import seeding
+from applications.distill.errors import IncompatibleModelsError
+from applications.distill.pairing import draw_plan, source_permutation
+from applications.distill.step import Objectives, aligned_pairs, distill_losses
+from applications.distill.student import build_student, check_compatible
+from interventions import Alignment, AlignmentError, Site, get_value, interchange, set_value
+
+V = 30
+CONFIGS = {
+    "bert": lambda: tf.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0),
+    "roberta": lambda: tf.RobertaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                        intermediate_size=24, max_position_embeddings=40, pad_token_id=1),
+    "distilbert": lambda: tf.DistilBertConfig(vocab_size=V, dim=16, n_layers=4, n_heads=2, hidden_dim=24,
+                                              max_position_embeddings=32, dropout=0.0, attention_dropout=0.0),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=16, n_layer=4, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                    num_key_value_heads=1, intermediate_size=24, max_position_embeddings=32),
+    "qwen2": lambda: tf.Qwen2Config(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                    num_key_value_heads=1, intermediate_size=24, max_position_embeddings=32),
+}
+CAUSAL = {"gpt2", "llama", "qwen2"}
+
+
+def teacher_of(family):
+    torch.manual_seed(0)
+    auto = tf.AutoModelForCausalLM if family in CAUSAL else tf.AutoModelForMaskedLM
+    return auto.from_config(CONFIGS[family]()).double().eval()
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_student_copies_chosen_teacher_layers(family):
+    teacher = teacher_of(family)
+    full = build_student(teacher, [0, 1, 2, 3])  # all layers: the student is the teacher
+    x = torch.randint(3, V, (2, 7))
+    torch.testing.assert_close(full(x).logits, teacher(x).logits, rtol=0, atol=0)
+    small = build_student(teacher, [1, 3])
+    t_state, s_state = teacher.state_dict(), small.state_dict()
+    moved = [k for k in s_state if ".1." in k and ("layer" in k or ".h." in k)]
+    assert moved
+    for key in moved:  # student block 1 is teacher block 3
+        torch.testing.assert_close(s_state[key], t_state[key.replace(".1.", ".3.", 1)], rtol=0, atol=0)
+    emb = small.get_input_embeddings().weight
+    torch.testing.assert_close(emb, teacher.get_input_embeddings().weight, rtol=0, atol=0)
+    assert small.config.num_hidden_layers == 2
+
+
+def test_compatibility_errors_name_the_sizes():
+    teacher = teacher_of("bert")
+    other = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V + 3, hidden_size=8, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(IncompatibleModelsError, match=f"student {V + 3}, teacher {V}"):
+        check_compatible(other, teacher)
+    narrow = tf.BertForMaskedLM(tf.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(IncompatibleModelsError, match="hidden size is 8 and the teacher's 16.*--cos-projection"):
+        check_compatible(narrow, teacher, need_hidden=True)
+    check_compatible(narrow, teacher, need_hidden=True, projection=True)  # a projection makes it valid
+
+
+def test_aligned_pairs_and_range_errors():
+    assert aligned_pairs("full", 2, 4) == [(0, (0, 1)), (1, (2, 3))]
+    assert aligned_pairs("middle", 6, 12) == [(3, (6,))]
+    assert aligned_pairs("late", 3, 12) == [(0, (9,)), (1, (10,))]
+    with pytest.raises(AlignmentError, match=r"teacher layer 7 .* out of range.*0\.\.3"):
+        aligned_pairs(Alignment({"layers.0.output": ["layers.7.output"]}), 2, 4)
+    with pytest.raises(AlignmentError, match=r"student layer 5"):
+        aligned_pairs(Alignment({"layers.5.output": ["layers.0.output"]}), 2, 4)
+    with pytest.raises(AlignmentError, match="whole block outputs"):
+        aligned_pairs(Alignment({"layers.0.mlp_output": ["layers.0.output"]}), 2, 4)
+
+
+def _kl_t2(s_logits, t_logits, T):
+    p = torch.softmax(t_logits / T, -1)
+    return (p * (p.log() - torch.log_softmax(s_logits / T, -1))).sum(-1).mean() * T * T
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_diito_equals_naive_public_interchange(family):
+    teacher = teacher_of(family)
+    student = build_student(teacher, 2)
+    causal = family in CAUSAL
+    B, S = 3, 10
+    ids = torch.randint(3, V, (B, S), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = ids.clone() if causal else torch.where(torch.rand(B, S) < 0.3, ids, torch.full_like(ids, -100))
+    perm = source_permutation(B, torch.Generator().manual_seed(2))
+    plan = draw_plan(inputs["attention_mask"], [seeding.generator(3, i) for i in range(B)], perm)
+    objectives = Objectives({"diito": 1.0, "diito_cos": 1.0}, causal=causal, temperature=2.0)
+    source = {k: v[perm] for k, v in inputs.items()}
+    for pair in aligned_pairs("full", 2, 4):
+        s_layer, t_layers = pair
+        student.zero_grad()
+        fast = distill_losses(student, teacher, inputs, labels, objectives, plan, pair)
+        fast["diito"].backward()
+        fast_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+        student.zero_grad()
+        site = lambda j, pos: Site(f"layers.{j}.output", positions=pos)  # noqa: E731
+        with torch.no_grad():
+            t_cf = interchange(teacher, inputs, source, [site(j, plan.base_pos) for j in t_layers],
+                               source_sites=[site(j, plan.source_pos) for j in t_layers]).logits
+        s_cf = interchange(student, inputs, source, [site(s_layer, plan.base_pos)],
+                           source_sites=[site(s_layer, plan.source_pos)]).logits
+        naive = _kl_t2(s_cf, t_cf, 2.0)
+        naive.backward()
+        torch.testing.assert_close(fast["diito"], naive, rtol=1e-9, atol=1e-12)
+        for name, g in fast_grads.items():
+            torch.testing.assert_close(g, dict(student.named_parameters())[name].grad, rtol=1e-7, atol=1e-10)
+        assert float(fast["diito_cos"].detach()) >= 0
+
+
+def test_padded_batches_match_a_three_pass_reference():
+    """Variable span lengths and padding: the fast path equals full source and counterfactual forwards."""
+    teacher = teacher_of("bert")
+    student = build_student(teacher, 2)
+    ids = torch.randint(3, V, (4, 12), generator=torch.Generator().manual_seed(5))
+    attn = (torch.arange(12)[None] < torch.tensor([[12], [7], [10], [5]])).long()
+    inputs = {"input_ids": ids * attn, "attention_mask": attn}
+    perm = source_permutation(4, torch.Generator().manual_seed(6))
+    plan = draw_plan(attn, [seeding.generator(7, i) for i in range(4)], perm, "random")
+    assert len(set(plan.valid.sum(1).tolist())) > 1
+    objectives = Objectives({"diito": 1.0}, causal=False)
+    pair = (1, (2, 3))
+    fast = distill_losses(student, teacher, inputs, torch.full_like(ids, -100), objectives, plan, pair)["diito"]
+    unperm = torch.argsort(perm)
+
+    def reference(model, layers):
+        src = get_value(model, {k: v[perm] for k, v in inputs.items()}, [f"layers.{j}.output" for j in layers])
+        mixes = {f"layers.{j}.output": (lambda cur, j=j: plan.mix(cur, src[f"layers.{j}.output"][unperm]))
+                 for j in layers}
+        with set_value(model, mixes):
+            return model(**inputs).logits
+
+    mask = attn.bool()
+    p = torch.softmax(reference(teacher, [2, 3]) / 2, -1)[mask]
+    want = (p * (p.log() - torch.log_softmax(reference(student, [1]) / 2, -1)[mask])).sum(-1).mean() * 4
+    torch.testing.assert_close(fast, want, rtol=1e-9, atol=1e-12)
