@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from interventions import (
-    Alignment, CausalModel, Rotation, Site, das_loss, iia, iit_loss, mixed_batches, task_loss,
+    Alignment,
+    CausalModel,
+    Rotation,
+    Site,
+    das_loss,
+    iia,
+    iit_loss,
+    mixed_batches,
+    task_loss,
 )
 
 DIM = 4          # entity vector size
@@ -29,12 +37,12 @@ HIDDEN = 16      # MLP width (= 4 entities x DIM)
 LAYER = "module:hidden1"  # the first hidden layer (after its ReLU)
 VARIABLE_SETS = (["WX"], ["YZ"], ["WX", "YZ"])  # WX alone, YZ alone, and both from two sources
 
-FULL = dict(pool=1_000, task_examples=1_048_576, task_epochs=3, task_batch=1024, task_lr=1e-3,
-            das_examples=32_768, das_epochs=6, iit_examples=262_144, iit_epochs=3, iit_lr=1e-3,
-            eval_examples=10_000)
-QUICK = dict(pool=500, task_examples=131_072, task_epochs=1, task_batch=256, task_lr=3e-3,
-             das_examples=4_096, das_epochs=3, iit_examples=65_536, iit_epochs=2, iit_lr=3e-3,
-             eval_examples=2_000)
+FULL = {"pool": 1_000, "task_examples": 1_048_576, "task_epochs": 3, "task_batch": 1024, "task_lr": 1e-3,
+        "das_examples": 32_768, "das_epochs": 6, "iit_examples": 262_144, "iit_epochs": 3, "iit_lr": 1e-3,
+        "eval_examples": 10_000}
+QUICK = {"pool": 500, "task_examples": 131_072, "task_epochs": 1, "task_batch": 256, "task_lr": 3e-3,
+         "das_examples": 4_096, "das_epochs": 3, "iit_examples": 65_536, "iit_epochs": 2, "iit_lr": 3e-3,
+         "eval_examples": 2_000}
 
 
 # -- the causal model -------------------------------------------------------------------------
@@ -91,11 +99,13 @@ def make_mlp(seed: int) -> nn.Sequential:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Task accuracy of `model` on inputs `x` with labels `y`."""
     with torch.no_grad():
         return float((model(x).argmax(-1) == y).float().mean())
 
 
 def train_task(model, cm, n, epochs, g, batch_size=1024, lr=1e-3):
+    """Plain supervised training on the task (Adam, cross-entropy)."""
     data = cm.sample_counterfactuals(n, "WX", g)  # only the bases and their labels are used
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
@@ -107,10 +117,12 @@ def train_task(model, cm, n, epochs, g, batch_size=1024, lr=1e-3):
 
 
 def counterfactual_sets(cm, n, g):
+    """`n` counterfactuals for each of WX alone, YZ alone, and WX and YZ from two sources."""
     return [cm.sample_counterfactuals(n, vs, g) for vs in VARIABLE_SETS]
 
 
 def train_das(model, rotation, alignment, cm, n, epochs, g):
+    """DAS: learn the rotation only (the network is frozen inside das_loss)."""
     train = counterfactual_sets(cm, n, g)
     opt = torch.optim.Adam(rotation.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * sum(-(-len(d) // 256) for d in train))
@@ -124,6 +136,7 @@ def train_das(model, rotation, alignment, cm, n, epochs, g):
 
 
 def train_iit(model, alignment, cm, n, epochs, g, lr=1e-3):
+    """IIT: train the network on task loss + interchange loss under the (localist) alignment."""
     train = counterfactual_sets(cm, n // len(VARIABLE_SETS), g)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):

@@ -29,7 +29,7 @@ from .operators import (
     Zero,
 )
 from .patching import patching_sweep
-from .metrics import IIAResult, RotatedDims, iia, iit_loss, interchange_output
+from .metrics import IIAResult, RotatedDims, iia, iit_loss, interchange_output, logits_of
 from .primitives import get_value, interchange, set_value
 from .training import das_loss, frozen, mixed_batches, task_loss
 from .sites import Site
@@ -44,5 +44,6 @@ __all__ = [
     "Alignment", "alignments", "interchange_aligned",
     "BlockRecording", "record_blocks", "replay_blocks",
     "CausalModel", "CounterfactualDataset", "IIAResult", "RotatedDims", "iia", "iit_loss", "interchange_output",
+    "logits_of",
     "das_loss", "frozen", "mixed_batches", "task_loss",
 ]

@@ -18,7 +18,7 @@ import torch
 from .errors import CausalModelError
 
 Values = dict[str, Any]
-Inputs = Union[torch.Tensor, Mapping]
+Inputs = Union[torch.Tensor, Mapping]  # noqa: UP007 (a runtime alias)
 Sampler = Callable[[int, torch.Generator], Mapping[str, torch.Tensor]]
 
 
@@ -172,12 +172,13 @@ class CausalModel:
         return {v: values[v] for v in self.inputs}
 
     def sample_counterfactuals(self, n: int, variables, generator: torch.Generator | None = None,
-                               sampler: Sampler | None = None) -> "CounterfactualDataset":
+                               sampler: Sampler | None = None) -> CounterfactualDataset:
         """`n` (base, sources, label) examples intervening on `variables`.
 
         `variables`: a name, or a list of *groups*, one per source: ``["WX", "YZ"]`` takes WX from a
         first source and YZ from a second; ``[["WX", "YZ"]]`` takes both from one source. Bases and
-        sources are independent draws of `sampler`; the label is the output under the interchange.
+        sources are independent draws of `sampler` (default generator: seeded with 0); the label is
+        the output under the interchange.
         """
         groups = _groups(variables)
         self._check_names([v for g in groups for v in g], "counterfactual variables")
@@ -242,7 +243,7 @@ class CounterfactualDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, index) -> "CounterfactualDataset":
+    def __getitem__(self, index) -> CounterfactualDataset:
         """A sub-dataset (int, slice, or index tensor); an int gives a batch of one."""
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
@@ -268,7 +269,7 @@ class CounterfactualDataset:
             yield self[order[start:start + batch_size]]
 
     @staticmethod
-    def concat(parts: Sequence["CounterfactualDataset"]) -> "CounterfactualDataset":
+    def concat(parts: Sequence[CounterfactualDataset]) -> CounterfactualDataset:
         """Rows of several datasets that intervene on the same variable groups."""
         if not parts:
             raise CausalModelError("concat needs at least one dataset")

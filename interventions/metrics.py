@@ -8,7 +8,7 @@ pass one intervention per key (``interventions={"WX": RotatedSubspace(...)}``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -20,8 +20,8 @@ from .alignment import Alignment
 from .causal_model import CausalModel, CounterfactualDataset
 from .errors import AlignmentError, CausalModelError, InterventionError
 from .operators import Rotation
-from .sites import Site, as_site
 from .primitives import interchange
+from .sites import Site, as_site
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ def das_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignmen
     if rotation is not None:
         rotations = rotation.values() if isinstance(rotation, Mapping) else [rotation]
         trainable += [p for r in rotations for p in r.parameters() if p.requires_grad]
-    for call in (interventions or {}).values():
-        if isinstance(call, nn.Module):
-            trainable += [p for p in call.parameters() if p.requires_grad]
+    for module in (interventions or {}).values():
+        if isinstance(module, nn.Module):
+            trainable += [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise InterventionError(
             "das_loss needs something to train: a Rotation (rotation=...) or trainable interventions "

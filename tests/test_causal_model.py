@@ -27,7 +27,7 @@ def arithmetic() -> CausalModel:
 
 def hier_equality(sampler=None) -> CausalModel:
     """W, X, Y, Z -> WX = (W == X), YZ = (Y == Z) -> O = (WX == YZ)."""
-    eq = lambda u, v: (u == v).all(-1)  # noqa: E731
+    eq = lambda u, v: (u == v).all(-1)
     return CausalModel(
         variables=["W", "X", "Y", "Z", "WX", "YZ", "O"],
         parents={"WX": ["W", "X"], "YZ": ["Y", "Z"], "O": ["WX", "YZ"]},
@@ -68,7 +68,7 @@ def test_model_properties():
        s2=st.tuples(*[st.integers(-9, 9)] * 3))
 def test_arithmetic_interchange_matches_hand_formula(base, s1, s2):
     cm = arithmetic()
-    mk = lambda v: {"X": t(v[0]), "Y": t(v[1]), "Z": t(v[2])}  # noqa: E731
+    mk = lambda v: {"X": t(v[0]), "Y": t(v[1]), "Z": t(v[2])}
     # S from s1 and T from s2: O = (x1 + y1) - (y2 * z2).
     out = cm.interchange(mk(base), [mk(s1), mk(s2)], ["S", "T"])
     assert out["O"].item() == (s1[0] + s1[1]) - (s2[1] * s2[2])
@@ -82,7 +82,7 @@ def test_arithmetic_interchange_matches_hand_formula(base, s1, s2):
 
 def test_hierarchical_equality_run_and_interchange():
     a, b, c = t(0.1, 0.2, 0.3, 0.4), t(-0.5, 0.5, 0.0, 0.9), t(0.7, -0.7, 0.2, -0.2)
-    stack = lambda *v: torch.stack(v)  # noqa: E731
+    stack = lambda *v: torch.stack(v)
     # row 0: a==a, c!=b -> WX=T, YZ=F, O=F; row 1: a!=b, c==c -> F, T, F; row 2: a==a, c==c -> O=T
     base = {"W": stack(a, a, a), "X": stack(a, b, a), "Y": stack(c, b, c), "Z": stack(b, b, c)}
     cm = hier_equality()
@@ -141,7 +141,7 @@ def test_one_source_group_takes_all_its_variables_from_one_source():
 
 def test_dataset_slicing_batches_and_concat():
     cm = arithmetic()
-    sampler = lambda n, g: {k: torch.randint(0, 5, (n,), generator=g) for k in "XYZ"}  # noqa: E731
+    sampler = lambda n, g: {k: torch.randint(0, 5, (n,), generator=g) for k in "XYZ"}
     data = cm.sample_counterfactuals(10, "S", torch.Generator().manual_seed(0), sampler=sampler)
     assert torch.equal(data[3].labels, data.labels[3:4])
     assert torch.equal(data[2:5].sources[0]["X"], data.sources[0]["X"][2:5])

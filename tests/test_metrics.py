@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from interventions import (
-    Alignment, AlignmentError, CausalModel, InterventionError, RotatedSubspace, Rotation, Site, das_loss, iia,
+    Alignment,
+    AlignmentError,
+    CausalModel,
+    InterventionError,
+    RotatedSubspace,
+    Rotation,
+    Site,
+    das_loss,
+    iia,
     iit_loss,
 )
 
@@ -41,7 +49,7 @@ def copy_net(q: torch.Tensor | None = None) -> nn.Sequential:
 
 
 def bits_model() -> CausalModel:
-    sampler = lambda n, g: {v: torch.randint(0, 2, (n, 1), generator=g).float() for v in "AB"}  # noqa: E731
+    sampler = lambda n, g: {v: torch.randint(0, 2, (n, 1), generator=g).float() for v in "AB"}
     return CausalModel(["A", "B", "O"], {"O": ["A", "B"]}, {"O": lambda a, b: (a + 2 * b).squeeze(-1).long()},
                        sampler=sampler)
 
@@ -171,7 +179,7 @@ def small_mlp(seed=0):
 
 
 def test_iit_loss_equals_hand_spliced_forward_and_reaches_every_parameter(data):
-    cm, sets = data
+    _, sets = data
     net = small_mlp()
     alignment = Alignment({"A": Site("module:l2", dims=[0, 1]), "B": Site("module:l2", dims=[2, 3])})
     batch = sets["A,B"][:50]
@@ -182,7 +190,7 @@ def test_iit_loss_equals_hand_spliced_forward_and_reaches_every_parameter(data):
 
     # The oracle: splice by hand (A's dims from source 1, B's from source 2), same loss and grads.
     ref = small_mlp()
-    hidden = lambda x: ref.l2(ref.act(ref.l1(x)))  # noqa: E731
+    hidden = lambda x: ref.l2(ref.act(ref.l1(x)))
     h1, h2 = hidden(batch.source_inputs[0]), hidden(batch.source_inputs[1])
     spliced = torch.cat([h1[:, :2], h2[:, 2:]], 1)
     want = F.cross_entropy(ref.head(spliced), batch.labels)
@@ -193,7 +201,7 @@ def test_iit_loss_equals_hand_spliced_forward_and_reaches_every_parameter(data):
 
 
 def test_das_loss_trains_only_the_rotation(data):
-    cm, sets = data
+    _, sets = data
     net = small_mlp()
     r = Rotation(4)
     alignment = Alignment({"A": Site("module:l2", dims=[0, 1]), "B": Site("module:l2", dims=[2, 3])})
