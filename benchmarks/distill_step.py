@@ -7,7 +7,7 @@ Same batch, same models (a 6-layer BERT teacher and a 3-layer student, width 256
 - naive: the official code's cost: teacher and student each run base, source (full, with the head)
   and counterfactual passes; gradients flow through the student's source pass.
 The FULL alignment's three (student, teacher) pairs are cycled, so figures are the per-step average.
-Time: median seconds per step. Memory: peak bytes in use by the C allocator (glibc mallinfo2,
+Time: median seconds per step, the methods interleaved step by step. Memory: peak bytes in use by the C allocator (glibc mallinfo2,
 sampled after every module call and around backward) above the level before the step, averaged over
 the pairs (measured in separate, untimed steps).
 Checks that, with dropout off, ours and naive give the same loss (1e-5). Last line: one JSON object.
@@ -16,6 +16,7 @@ Checks that, with dropout off, ours and naive give the same loss (1e-5). Last li
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
 import statistics
@@ -84,11 +85,11 @@ STANDARD = {"ce": 1 / 3, "mlm": 1 / 3, "cos": 1 / 3}
 DIITO = {"ce": 0.25, "mlm": 0.25, "cos": 0.25, "diito": 0.25}
 
 
-def ours(student, teacher, batch, weights, plan, pair, sampler=None):
+def ours(student, teacher, batch, weights, plan, pair):
     return distill_losses(student, teacher, batch["inputs"], batch["labels"], Objectives(weights), plan, pair)["loss"]
 
 
-def naive(student, teacher, batch, weights, plan, pair, sampler=None):
+def naive(student, teacher, batch, weights, plan, pair):
     """The official cost: base, source and counterfactual passes through both models (full, with heads)."""
     inputs, labels = batch["inputs"], batch["labels"]
     mask = inputs["attention_mask"]
@@ -158,36 +159,49 @@ def work_floor(width: int, vocab: int, seq: int, pairs) -> dict:
             "memory_diito_vs_standard": mem_diito / mem_std}
 
 
-def measure(method, student, teacher, batch, plans, pairs, steps: int) -> tuple[float, float]:
-    fn, weights = METHODS[method]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-9)
-    for p in student.parameters():  # optimizer state exists before measuring (same for all methods)
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    state = {k: v.clone() for k, v in student.state_dict().items()}
-    times = []
-    for i in range(steps + 1):  # timing, without memory sampling; the first step warms up
-        k = i % len(pairs)
+class Runner:
+    """One method with its own copy of the student and its own AdamW (state allocated up front)."""
+
+    def __init__(self, method, student, teacher, batch, plans, pairs):
+        self.fn, self.weights = METHODS[method]
+        self.student, self.teacher, self.batch, self.plans, self.pairs = copy.deepcopy(student), teacher, batch, plans, pairs
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-9)
+        for p in self.student.parameters():
+            p.grad = torch.zeros_like(p)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, k: int, mem: "PeakMemory | None" = None) -> float:
         t0 = time.perf_counter()
-        loss = fn(student, teacher, batch, weights, plans[k], pairs[k])
+        loss = self.fn(self.student, self.teacher, self.batch, self.weights, self.plans[k], self.pairs[k])
+        if mem is not None:
+            mem.sample()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    peaks = []
-    for k in range(len(pairs)):  # memory, one step per aligned pair
-        with PeakMemory(student, teacher) as mem:
-            loss = fn(student, teacher, batch, weights, plans[k], pairs[k])
+        if mem is not None:
             mem.sample()
-            loss.backward()
-            mem.sample()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        peaks.append(mem.delta)
-    student.load_state_dict(state)
-    return statistics.median(times), statistics.mean(peaks)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def measure(student, teacher, batch, plans, pairs, steps: int) -> dict[str, tuple[float, float]]:
+    """Median s/step (methods interleaved step by step, so load changes hit all alike) and mean peak bytes."""
+    runners = {m: Runner(m, student, teacher, batch, plans, pairs) for m in METHODS}
+    times = {m: [] for m in METHODS}
+    names = list(METHODS)
+    for i in range(steps + 1):
+        k = i % len(pairs)
+        for m in names[i % 3:] + names[: i % 3]:  # rotate the order
+            dt = runners[m].step(k)
+            if i:  # the first round warms up
+                times[m].append(dt)
+    peaks = {m: [] for m in METHODS}
+    for m, runner in runners.items():
+        for k in range(len(pairs)):  # memory: one untimed step per aligned pair
+            with PeakMemory(runner.student, teacher) as mem:
+                runner.step(k, mem)
+            peaks[m].append(mem.delta)
+    return {m: (statistics.median(times[m]), statistics.mean(peaks[m])) for m in METHODS}
 
 
 def check_same_loss(student, teacher, batch, plans, pairs) -> float:
@@ -209,7 +223,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seq = args.seq or (32 if args.quick else 64)
     batch = args.batch or (8 if args.quick else 16)
     steps = args.steps or (3 if args.quick else 9)
@@ -218,7 +235,7 @@ def main(argv=None) -> dict:
     print(f"config: teacher 6 layers, student 3 layers, width {args.width}, vocab {args.vocab}, batch {batch}x{seq}, "
           f"FULL alignment pairs {pairs}; threads {torch.get_num_threads()}")
     print(f"loss check (dropout off): |ours - naive| = {diff:.2e} <= 1e-5")
-    results = {m: measure(m, student, teacher, data, plans, pairs, steps) for m in METHODS}
+    results = measure(student, teacher, data, plans, pairs, steps)
     floor = work_floor(args.width, args.vocab, seq, pairs)
     print(f"{'method':10s} {'s/step':>8s} {'peak MiB':>9s}")
     for m, (t, mem) in results.items():

@@ -71,11 +71,13 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
                    readout: int = -1) -> torch.Tensor:
     """Logits at `readout` of the base with ``layers.{L}.output`` at position p set to the source's value.
 
-    Returns a tensor [len(layers), len(positions), vocab]: entry [i, j] is the base run (batch 1)
-    with ``layers.{layers[i]}.output`` at ``positions[j]`` replaced by its value on `source` (same
-    shape as the base), read at the `readout` position. ``layers``/``positions`` default to all.
-    The model's output must keep one row per example and (without an output embedding) an axis of
-    positions. Run under ``torch.no_grad()`` for speed; in eval mode for deterministic results.
+    Returns [len(layers), len(positions), vocab]: entry [i, j] is the base run with
+    ``layers.{layers[i]}.output`` at ``positions[j]`` replaced by its value on `source`, read at the
+    `readout` position. Base and source are one example each ([1, seq], the same shape; a ShapeError
+    otherwise); ``layers`` / ``positions`` are ints (negative from the end) and default to all. Cost:
+    one headless source run plus one base run whose batch grows by len(positions) rows per patched
+    layer, the head on the readout position only. The model's output must keep one row per example
+    (an LM head; pooled classifiers raise UnsupportedModelError). Use eval mode and ``torch.no_grad()``.
     """
     graph = SiteGraph.from_model(model)
     if graph.num_layers == 0:
@@ -97,6 +99,10 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
         )
     layer_ids = _layer_list(graph, layers)
     pos = tuple(range(seq_len)) if positions is None else positions
+    if isinstance(pos, torch.Tensor):  # one list of positions: [k] or [1, k]
+        if pos.dim() > 2 or (pos.dim() == 2 and pos.shape[0] != 1):
+            raise SelectorError(f"positions must be a list of ints (or a [k] tensor), got shape {tuple(pos.shape)}")
+        pos = [int(p) for p in pos.flatten().tolist()]
     readout = _check_readout(readout, seq_len)
     order = sorted(layer_ids)  # the forward meets the layers in this order
     sites = [Site(f"layers.{layer}.output", positions=pos) for layer in order]

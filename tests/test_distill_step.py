@@ -145,3 +145,29 @@ def test_padded_batches_match_a_three_pass_reference():
     p = torch.softmax(reference(teacher, [2, 3]) / 2, -1)[mask]
     want = (p * (p.log() - torch.log_softmax(reference(student, [1]) / 2, -1)[mask])).sum(-1).mean() * 4
     torch.testing.assert_close(fast, want, rtol=1e-9, atol=1e-12)
+
+
+def test_standard_losses_and_ce_scope_by_hand():
+    teacher = teacher_of("bert")
+    student = build_student(teacher, 2)
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(9))
+    attn = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 4] = ids[0, 2], ids[1, 4]
+    inputs = {"input_ids": ids, "attention_mask": attn}
+    with torch.no_grad():
+        t, s = teacher(**inputs).logits, student(**inputs).logits
+        t_h = get_value(teacher, inputs, "layers.3.output")["layers.3.output"]
+        s_h = get_value(student, inputs, "layers.1.output")["layers.1.output"]
+    for scope, where in (("all", attn.bool()), ("masked", labels != -100)):
+        got = distill_losses(student, teacher, inputs, labels, Objectives({"ce": 1.0, "cos": 1.0, "mlm": 1.0},
+                                                                          ce_scope=scope))
+        p = torch.softmax(t[where] / 2, -1)
+        want_ce = (p * (p.log() - torch.log_softmax(s[where] / 2, -1))).sum(-1).mean() * 4
+        torch.testing.assert_close(got["ce"].detach(), want_ce, rtol=1e-9, atol=1e-12)
+    m = attn.bool()
+    want_cos = (1 - torch.nn.functional.cosine_similarity(s_h[m], t_h[m], dim=-1)).mean()
+    torch.testing.assert_close(got["cos"].detach(), want_cos, rtol=1e-9, atol=1e-12)
+    want_mlm = -torch.log_softmax(s, -1)[labels != -100].gather(1, ids[labels != -100][:, None]).mean()
+    torch.testing.assert_close(got["mlm"].detach(), want_mlm, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["loss"].detach(), (got["ce"] + got["cos"] + got["mlm"]).detach())

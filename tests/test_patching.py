@@ -99,6 +99,7 @@ def test_no_hooks_left_after_success_and_after_errors(gpt2):
         ({"layers": ["0"]}, SelectorError, "ints"),
         ({"positions": [0, SEQ]}, SelectorError, "out of range"),
         ({"positions": [-SEQ - 1]}, SelectorError, "out of range"),
+        ({"positions": torch.tensor([[1], [3]])}, SelectorError, "list of ints"),
         ({"readout": SEQ}, SelectorError, "readout"),
     ],
 )

@@ -140,9 +140,35 @@ def atkd_loss(teacher_logits, student_logits, targets, mask, config: ATKDConfig 
     return loss, stats
 
 
+#: Why each other KD loss is refused (docs/atkd.md gives the math).
+OTHER_KD = {
+    "tvd": "total variation has no exact decomposition: sum_i |p_i - q_i| over i != g does not factor into "
+           "an uncertainty weight times a distance of the renormalised non-target distributions",
+    "skew_kl": "skew KL, KL(p || a*p + (1-a)*q), does split exactly by KL's chain rule (with the mixture as "
+               "the reference), but is not implemented",
+    "skew_reverse_kl": "skew reverse KL splits exactly by KL's chain rule (with the mixture as the reference), "
+                       "but is not implemented",
+    "gjsd": "generalised JSD splits into two chain-rule terms with two different uncertainty weights "
+            "(teacher's and student's), so it has no single TKD + UNC*DKD form; not implemented",
+}
+
+
 def unsupported_kd(name: str):
-    """KD losses with no exact target/non-target decomposition are refused, not approximated."""
+    """KD losses other than forward / reverse KL are refused with the reason, not approximated."""
+    why = OTHER_KD.get(name, "it is not a KD loss this module knows")
     raise DistillConfigError(
-        f"ATKD wraps forward KL ('kl') and reverse KL ('reverse_kl') only: {name!r} has no exact "
-        "decomposition into TKD + UNC·DKD (see docs/atkd.md)"
+        f"ATKD wraps forward KL ('atkd') and reverse KL ('atkd_reverse') only; {name!r}: {why} "
+        "(no exact decomposition into TKD + UNC*DKD is used; see docs/atkd.md)"
     )
+
+
+def atkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                   causal: bool, config: ATKDConfig = ATKDConfig()):
+    """ATKD on a training batch's logits and LM labels (-100 = no target); returns (loss, stats).
+
+    Causal LMs: position t is scored against label t+1 (the next token), like the CLM loss.
+    Masked LMs: only positions with a label (the masked ones) have a target token, so only they count.
+    """
+    if causal:
+        student_logits, teacher_logits, labels = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
+    return atkd_loss(teacher_logits, student_logits, labels, labels != -100, config)

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (seconds; a smoke test)")
     demo.add_argument("--progress", action="store_true", help="show progress bars")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     return parser
 
 
@@ -123,6 +124,10 @@ def run_eval(args) -> dict:
 def run_demo(args) -> dict:
     from .demo import QUICK, DemoSize, run_demo as demo
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return demo(args.output_dir, QUICK if args.quick else DemoSize(), seed=args.seed, progress=args.progress)
 
 

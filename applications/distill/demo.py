@@ -26,12 +26,12 @@ class DemoSize:
     """Budget knobs of the demo (the defaults take a few minutes on 2 CPU cores)."""
 
     train_sentences: int = 6000
-    eval_sentences: int = 400
+    eval_sentences: int = 300
     teacher_layers: int = 6
     student_layers: int = 3
-    hidden: int = 128
+    hidden: int = 96
     teacher_steps: int = 900
-    student_steps: int = 500
+    student_steps: int = 300
     batch_size: int = 32
     vocab_size: int = 160
 

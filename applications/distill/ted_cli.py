@@ -1,0 +1,199 @@
+"""The ``ted`` command: ``python -m applications.distill ted {stage1,stage2,all} --help``.
+
+stage1: train the filters (and their task heads) of one frozen model, saved to a .pt file.
+stage2: distil the teacher into the student (TED, or the KD / LWD baselines); the student is saved
+with save_pretrained, without filters. all: stage 1 for the teacher, then the student, then stage 2.
+Also runnable on its own: ``python -m applications.distill.ted_cli {stage1,stage2,all}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from interventions import InterventionError
+
+from .errors import DistillConfigError
+from .ted import TEDConfig
+
+DEFAULTS = TEDConfig()
+
+
+def _loop_flags(p: argparse.ArgumentParser, prefix: str = "", steps: int = 200, lr: float = 1e-3, what: str = "") -> None:
+    p.add_argument(f"--{prefix}steps", type=int, default=steps, help=f"optimizer steps{what} (default {steps})")
+    p.add_argument(f"--{prefix}learning-rate", type=float, default=lr, help=f"peak AdamW learning rate{what} (default {lr})")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-file", required=True,
+                   help="classification: a tsv 'sentence<TAB>label' (header optional); LM: text, one example per line")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example, longer ones truncated (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _filter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", choices=("linear", "mlp"), default="linear", help="filter type (default linear)")
+    p.add_argument("--filter-width", type=int, help="filter output width (default: the teacher's hidden size)")
+
+
+def _stage2_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("ted", "kd", "lwd"), default="ted",
+                   help="ted (filters from stage 1), kd (no filters), lwd (raw states, learned projection)")
+    p.add_argument("--alpha-task", type=float, default=DEFAULTS.alpha_task, help="weight of the task loss")
+    p.add_argument("--alpha-kl", type=float, default=DEFAULTS.alpha_kl, help="weight of T²·KL(teacher ‖ student)")
+    p.add_argument("--alpha-mse", type=float, default=DEFAULTS.alpha_mse,
+                   help=f"weight of the mean filtered-state MSE (default {DEFAULTS.alpha_mse})")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="KL temperature T (default 2)")
+    p.add_argument("--eval-file", help="held-out data (same format as --train-file): accuracy or perplexity")
+
+
+def add_stages(parser: argparse.ArgumentParser) -> None:
+    """The stage1 / stage2 / all subcommands under `parser`."""
+    stages = parser.add_subparsers(dest="stage", required=True)
+    s1 = stages.add_parser("stage1", help="train one frozen model's filters and task heads",
+                           description="Stage 1: freeze the model; train a filter and a task head on every "
+                                       "interval-th block on the task loss averaged over filters.")
+    s1.add_argument("--model", required=True, help="save_pretrained directory (sequence classifier or causal LM, "
+                                                   "with its tokenizer)")
+    s1.add_argument("--output", required=True, help="the filter file to write (.pt)")
+    s1.add_argument("--interval", type=int, default=1, help="a filter on every interval-th block (default 1)")
+    s1.add_argument("--teacher", help="the teacher, whose hidden size is the default filter width (for a student)")
+    _filter_flags(s1)
+    _common(s1)
+    _loop_flags(s1)
+    s2 = stages.add_parser("stage2", help="distil the teacher into the student (ted / kd / lwd)",
+                           description="Stage 2: teacher and its filters frozen; the student and its filters "
+                                       "train on L_task + a_KL*T^2*KL + a_MSE*MSE. The student is saved with "
+                                       "save_pretrained, without filters or heads.")
+    s2.add_argument("--teacher", required=True, help="the (fine-tuned) teacher directory")
+    s2.add_argument("--student", required=True, help="the student to start from (save_pretrained directory)")
+    s2.add_argument("--output-dir", required=True, help="where the distilled student is saved")
+    s2.add_argument("--teacher-filters", help="the teacher's stage-1 filter file (mode ted)")
+    s2.add_argument("--student-filters", help="the student's stage-1 filter file (mode ted)")
+    s2.add_argument("--teacher-interval", type=int, default=DEFAULTS.teacher_interval,
+                    help="mode lwd: teacher blocks paired every interval-th")
+    s2.add_argument("--student-interval", type=int, default=DEFAULTS.student_interval,
+                    help="mode lwd: student blocks paired every interval-th")
+    _stage2_flags(s2)
+    _common(s2)
+    _loop_flags(s2)
+    al = stages.add_parser("all", help="stage 1 (teacher, then student) and stage 2 in one command",
+                           description="Writes OUTPUT_DIR/teacher_filters.pt, OUTPUT_DIR/student_filters.pt and "
+                                       "the distilled student in OUTPUT_DIR/student.")
+    al.add_argument("--teacher", required=True, help="the (fine-tuned) teacher directory")
+    al.add_argument("--student", required=True, help="the student to start from (save_pretrained directory)")
+    al.add_argument("--output-dir", required=True, help="filters and the distilled student go here")
+    al.add_argument("--teacher-interval", type=int, default=DEFAULTS.teacher_interval,
+                    help=f"teacher filter interval (default {DEFAULTS.teacher_interval})")
+    al.add_argument("--student-interval", type=int, default=DEFAULTS.student_interval,
+                    help=f"student filter interval (default {DEFAULTS.student_interval})")
+    _filter_flags(al)
+    _stage2_flags(al)
+    _common(al)
+    _loop_flags(al, "stage1-", 200, 1e-3, " of stage 1")
+    _loop_flags(al)
+
+
+def add_ted_parser(sub) -> None:
+    """``ted`` under the main CLI's subcommands."""
+    ted = sub.add_parser("ted", help="TED task-aware layer-wise distillation (stage1 / stage2 / all)",
+                         description="TED (Liang et al., ICML 2023): task-aware filters, then layer-wise "
+                                     "distillation through them. KD and LWD baselines via stage2 --mode.")
+    add_stages(ted)
+
+
+def _tokenizer(*paths):
+    from .models import load_tokenizer
+
+    for p in paths:
+        tok = load_tokenizer(p) if p else None
+        if tok is not None:
+            return tok
+    raise DistillConfigError(f"no tokenizer saved with {', '.join(repr(p) for p in paths if p)}; "
+                             "save one next to the model (tokenizer.save_pretrained)")
+
+
+def _options(args, prefix: str = ""):
+    from .ted_train import LoopOptions
+
+    return LoopOptions(steps=getattr(args, f"{prefix}steps"), batch_size=args.batch_size,
+                       learning_rate=getattr(args, f"{prefix}learning_rate"), max_length=args.max_length,
+                       seed=args.seed)
+
+
+def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> dict:
+    from . import ted_train as tt
+
+    model = tt.load_model(model_dir)
+    task = tt.task_of(model)
+    tok = _tokenizer(model_dir, width_from)
+    opts = _options(args, prefix)
+    data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
+    width = args.filter_width or (tt.hidden_size(tt.load_model(width_from)) if width_from else None)
+    filters, losses = tt.stage1(model, data, interval=interval, width=width, kind=args.filter, options=opts)
+    path = tt.save_filters(filters, output, model)
+    return {"filters": str(path), "layers": filters.layers, "task": task, "first_loss": losses[0],
+            "last_loss": losses[-1]}
+
+
+def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
+    from . import ted_train as tt
+
+    config = TEDConfig(mode=args.mode, filter=args.filter if hasattr(args, "filter") else "linear",
+                       teacher_interval=args.teacher_interval, student_interval=args.student_interval,
+                       alpha_task=args.alpha_task, alpha_kl=args.alpha_kl, alpha_mse=args.alpha_mse,
+                       temperature=args.temperature)
+    t_filters = s_filters = None
+    if config.mode == "ted":  # missing files fail before any model is loaded
+        t_filters = tt.load_filters(teacher_filters, "teacher")
+        s_filters = tt.load_filters(student_filters, "student")
+    teacher, student = tt.load_model(args.teacher), tt.load_model(args.student)
+    task = tt.task_of(teacher)
+    tok = _tokenizer(args.teacher, args.student)
+    opts = _options(args)
+    data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    _, log = tt.stage2(config, teacher, student, data, opts, t_filters, s_filters)
+    out = tt.export(student, output_dir, tok)
+    summary = {"student": str(out), "mode": config.mode, "task": task, "steps": len(log),
+               "first": log[0], "last": log[-1]}
+    if args.eval_file:
+        ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+        summary["eval"] = tt.evaluate(student, ev)
+    (Path(out) / "ted_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_ted(args) -> dict:
+    """Run the chosen stage; returns a JSON-able summary."""
+    if args.stage == "stage1":
+        return _stage1(args.model, args, args.output, args.interval, args.teacher)
+    if args.stage == "stage2":
+        return _stage2(args, args.teacher_filters, args.student_filters, args.output_dir)
+    out = Path(args.output_dir)
+    summary = {}
+    if args.mode == "ted":
+        summary["teacher_stage1"] = _stage1(args.teacher, args, out / "teacher_filters.pt", args.teacher_interval,
+                                            args.teacher, "stage1_")
+        summary["student_stage1"] = _stage1(args.student, args, out / "student_filters.pt", args.student_interval,
+                                            args.teacher, "stage1_")
+    summary["stage2"] = _stage2(args, out / "teacher_filters.pt", out / "student_filters.pt", out / "student")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m applications.distill.ted_cli", description=__doc__.splitlines()[0])
+    add_stages(parser)
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(run_ted(args), default=str))
+    except InterventionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

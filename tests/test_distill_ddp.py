@@ -1,0 +1,51 @@
+"""Two CPU processes (torchrun, gloo) reach the same weights as one process at the same effective batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from applications.distill.corpus import make_corpus
+from applications.distill.data import train_tokenizer
+
+tf.logging.set_verbosity_error()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_accumulation(tmp_path):
+    texts = make_corpus(64, seed=5)
+    (tmp_path / "train.txt").write_text("\n".join(texts) + "\n")
+    tok = train_tokenizer(texts, 100, causal=False)
+    torch.manual_seed(0)
+    teacher = tf.BertForMaskedLM(tf.BertConfig(  # dropout off: each process has its own dropout stream
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    common = ["train", "--teacher", str(tmp_path / "teacher"), "--train-file", str(tmp_path / "train.txt"),
+              "--student-layers", "2", "--batch-size", "4", "--max-steps", "3", "--save-steps", "100",
+              "--no-progress", "--no-plot"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "applications.distill", *common,
+                          "--grad-accum", "1", "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = teacher.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
