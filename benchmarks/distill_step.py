@@ -171,7 +171,7 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def step(self, k: int, mem: "PeakMemory | None" = None) -> float:
+    def step(self, k: int, mem: PeakMemory | None = None) -> float:
         t0 = time.perf_counter()
         loss = self.fn(self.student, self.teacher, self.batch, self.weights, self.plans[k], self.pairs[k])
         if mem is not None:

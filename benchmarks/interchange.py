@@ -65,8 +65,11 @@ def build_model(s: Setup) -> tf.GPT2LMHeadModel:
     return tf.GPT2LMHeadModel(config).eval()
 
 
+CLOCK = time.perf_counter  # main() switches to process CPU time for single-threaded runs
+
+
 def median_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (s) of each run, after `warmup` untimed calls of each.
+    """Median time (s) of each run, after `warmup` untimed calls of each.
 
     The runs are interleaved (one call of each per round), so a change in machine load touches
     every tool alike instead of whichever happened to be timed at that moment.
@@ -77,9 +80,9 @@ def median_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -308,11 +311,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.threads == 1:  # CPU time of this process: what the work costs, not how long others held the core
+        CLOCK = time.process_time
+    clock = "process CPU time" if args.threads == 1 else "wall time"
     peers, missing = load_peers()
     print(f"torch {torch.__version__}, transformers {tf.__version__}, {torch.get_num_threads()} threads on "
           f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
           f"GPT-2 config: {s.layers} layers, width {s.width}, {s.heads} heads, vocab {s.vocab} (random weights)")
     versions = {name: _version(name) for name in peers}
+    print(f"timing: {clock}, median over interleaved rounds")
     print("peers:", ", ".join(f"{k} {v}" for k, v in versions.items()) or "none")
     for name, why in missing.items():
         print(f"NOTE: {name} could not be loaded offline ({why}); it is left out of the comparison.")

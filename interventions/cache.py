@@ -112,6 +112,7 @@ def _input_tensor(args, kwargs):
 def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int):
     """Blocks 0..`upto` return their recorded outputs instead of running (forward hooks still fire).
 
+    ``upto=-1`` replays nothing.
     The inputs of the replayed forward must have the recorded batch and sequence shape.
     """
     blocks = _blocks(model)
@@ -122,9 +123,9 @@ def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int):
             f"the recording has {recording.num_layers} blocks, this model {len(blocks)}: replay a recording "
             "of the same model"
         )
-    layers = _layers(range(upto + 1), len(blocks)) if upto >= 0 else []
-    if upto >= len(blocks):
-        raise InterventionError(f"upto={upto} out of range: the model has {len(blocks)} blocks (valid 0..{len(blocks) - 1})")
+    if not -1 <= upto < len(blocks):
+        raise InterventionError(f"upto={upto} out of range: the model has {len(blocks)} blocks (valid -1..{len(blocks) - 1})")
+    layers = list(range(upto + 1))
     missing = [i for i in layers if i not in recording]
     if missing:
         raise InterventionError(f"cannot replay layers {missing}: they were not recorded (recorded: "

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers as tf
 
-from interventions import InterventionError
-from applications.distill.atkd import unsupported_kd
+from applications.distill.atkd import ATKDConfig, atkd_objective, unsupported_kd
 from applications.distill.cli import main
 from applications.distill.config import objective_weights
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer
 from applications.distill.step import Objectives, distill_losses
+from interventions import InterventionError
 
 
 def oracle_atkd(t_logits, s_logits, targets, valid, lam, fraction, reverse=False):
@@ -61,9 +62,19 @@ def test_step_atkd_matches_a_token_by_token_oracle(name, reverse):
         t, s = teacher(input_ids=ids, attention_mask=mask).logits, student(input_ids=ids, attention_mask=mask).logits
     # causal: position i is scored on the next token; the last position and padding have no target
     want = oracle_atkd(t[:, :-1], s[:, :-1], labels[:, 1:], labels[:, 1:] != -100, 0.3, 0.25, reverse)
-    assert abs(float(losses[name]) - want) < 1e-5
+    assert abs(float(losses[name].detach()) - want) < 1e-5
     clm = torch.nn.functional.cross_entropy(s[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    assert abs(float(losses["loss"]) - (0.5 * float(clm) + 0.5 * want)) < 1e-5
+    assert abs(float(losses["loss"].detach()) - (0.5 * float(clm) + 0.5 * want)) < 1e-5
+
+
+def test_masked_lm_counts_the_labelled_positions_only():
+    g = torch.Generator().manual_seed(4)
+    t, s = torch.randn(2, 6, 9, generator=g), torch.randn(2, 6, 9, generator=g)
+    labels = torch.full((2, 6), -100)
+    labels[0, 1], labels[0, 4], labels[1, 0], labels[1, 2], labels[1, 5] = 3, 8, 0, 5, 2  # the masked positions
+    got, stats = atkd_objective(s, t, labels, causal=False, config=ATKDConfig(lam=0.2, hard_fraction=0.5))
+    assert abs(float(got) - oracle_atkd(t, s, labels, labels != -100, 0.2, 0.5)) < 1e-5
+    assert abs(stats["atkd_hard_share"] - 3 / 5) < 1e-6  # ceil(0.5 * 5) hard tokens of 5
 
 
 def test_objective_names_and_other_kd_losses():
@@ -96,7 +107,8 @@ def causal_setup(tmp_path_factory):
 def _train(root, out, *extra):
     return main(["train", "--teacher", str(root / "teacher"), "--train-file", str(root / "train.txt"),
                  "--output-dir", str(out), "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
-                 "--save-steps", "10", "--logging-steps", "1", "--no-progress", "--no-plot", *extra])
+                 "--save-steps", "10", "--logging-steps", "1", "--max-length", "32", "--no-progress", "--no-plot",
+                 *extra])
 
 
 def test_cli_trains_with_atkd(causal_setup, tmp_path, capsys):
@@ -136,5 +148,5 @@ def test_cli_atkd_reverse_on_a_masked_lm(tmp_path, capsys):
 def test_cli_bad_atkd_options(causal_setup, tmp_path, capsys, flags, message):
     args = flags if "--objectives" in flags else ["--objectives", "clm,atkd", *flags]
     rc = _train(causal_setup, tmp_path / "bad", *args)
-    assert rc == 2 and __import__("re").search(message, capsys.readouterr().err)
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()  # refused before anything was written

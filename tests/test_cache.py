@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from interventions import (InterventionError, ShapeError, Site, SiteGraph, get_value, interchange,
-                           record_blocks, replay_blocks, set_value)
+from interventions import (
+    InterventionError,
+    ShapeError,
+    Site,
+    SiteGraph,
+    get_value,
+    interchange,
+    record_blocks,
+    replay_blocks,
+    set_value,
+)
 from tests.conftest import tokens
 
 
@@ -83,7 +92,7 @@ def test_gradients_through_replay_equal_recomputation(gpt2):
     model = gpt2
     base = tokens(2, 5, seed=8)
     site = Site("layers.0.output", positions=[2, 3])
-    bump = lambda v: v * 1.5  # noqa: E731
+    bump = lambda v: v * 1.5
 
     def grads(use_replay):
         model.zero_grad()
@@ -107,15 +116,21 @@ def test_gradients_through_replay_equal_recomputation(gpt2):
 def test_replay_on_other_shapes_is_refused_and_cleaned_up(gpt2):
     with record_blocks(gpt2) as rec:
         gpt2(tokens(2, 5, seed=9))
-    with pytest.raises(ShapeError, match="batch/sequence shape"):
-        with replay_blocks(gpt2, rec, upto=0):
-            gpt2(tokens(2, 6, seed=9))
+    with pytest.raises(ShapeError, match="batch/sequence shape"), replay_blocks(gpt2, rec, upto=0):
+        gpt2(tokens(2, 6, seed=9))
     assert all("forward" not in b.__dict__ for b in gpt2.transformer.h)
     with pytest.raises(InterventionError, match="not recorded"):
         with record_blocks(gpt2, layers=[1]) as partial:
             gpt2(tokens(1, 3, seed=1))
         with replay_blocks(gpt2, partial, upto=1):
             pass
-    with pytest.raises(InterventionError, match="out of range"):
-        with record_blocks(gpt2, layers=[5]):
-            pass
+    with pytest.raises(InterventionError, match="out of range"), record_blocks(gpt2, layers=[5]):
+        pass
+
+
+def test_replay_upto_out_of_range(gpt2):
+    with record_blocks(gpt2) as rec:
+        gpt2(tokens(1, 3, seed=2))
+    with pytest.raises(InterventionError, match=r"upto=2 out of range.*valid -1\.\.1"), replay_blocks(gpt2, rec, upto=2):
+        pass
+    assert all("forward" not in b.__dict__ for b in gpt2.transformer.h)

@@ -37,12 +37,12 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
               "--no-progress", "--no-plot"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
-                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240)
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "applications.distill", *common,
                           "--grad-accum", "1", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=240)
+                         env=env, capture_output=True, text=True, timeout=240, check=False)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     start = teacher.state_dict()

@@ -105,7 +105,7 @@ def test_diito_equals_naive_public_interchange(family):
         fast_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
         student.zero_grad()
-        site = lambda j, pos: Site(f"layers.{j}.output", positions=pos)  # noqa: E731
+        site = lambda j, pos: Site(f"layers.{j}.output", positions=pos)
         with torch.no_grad():
             t_cf = interchange(teacher, inputs, source, [site(j, plan.base_pos) for j in t_layers],
                                source_sites=[site(j, plan.source_pos) for j in t_layers]).logits

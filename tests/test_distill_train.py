@@ -37,8 +37,9 @@ def setup(tmp_path_factory):
 
 
 def _cfg(root, out, **kw):
-    base = dict(teacher=str(root / "teacher"), train_file=str(root / "train.txt"), output_dir=str(out),
-                student_layers=2, batch_size=4, max_steps=4, save_steps=2, logging_steps=1, progress=False)
+    base = {"teacher": str(root / "teacher"), "train_file": str(root / "train.txt"), "output_dir": str(out),
+            "student_layers": 2, "batch_size": 4, "max_steps": 4, "save_steps": 2, "logging_steps": 1,
+            "progress": False}
     base.update(kw)
     return DistillConfig(**base)
 
@@ -83,7 +84,7 @@ class Crash(TrainerCallback):
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(setup, tmp_path):
-    kw = dict(max_steps=6, save_steps=3, grad_accum=2, batch_size=3)
+    kw = {"max_steps": 6, "save_steps": 3, "grad_accum": 2, "batch_size": 3}
     train(_cfg(setup, tmp_path / "whole", **kw))
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(setup, tmp_path / "cut", **kw), callbacks=[Crash(4)])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from applications.distill import seeding
 from applications.distill.config import DistillConfig, objective_weights, student_layer_indices
-from applications.distill.errors import DistillConfigError, IncompatibleModelsError, SpanError
+from applications.distill.errors import DataError, DistillConfigError, IncompatibleModelsError, SpanError
 from applications.distill.masking import clm_labels, mlm_mask, token_weights
 from applications.distill.objectives import clm_loss, cosine_loss, kd_loss, mlm_loss, top1_agreement
 from applications.distill.pairing import draw_plan, source_permutation, span_length
@@ -212,7 +212,7 @@ def test_kd_loss_by_hand():
 
 def test_lm_losses_by_hand():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])
-    ce = lambda row, k: -math.log(_softmax(row)[k])  # noqa: E731
+    ce = lambda row, k: -math.log(_softmax(row)[k])
     labels = torch.tensor([[-100, 1, -100]])
     assert float(mlm_loss(logits, labels)) == pytest.approx(ce([0, 1, 0], 1), rel=1e-6)
     labels = torch.tensor([[0, 2, -100]])  # position 0 predicts label 2; position 1 predicts -100 (ignored)
@@ -231,3 +231,41 @@ def test_loss_shape_errors_name_the_sizes():
         kd_loss(torch.zeros(1, 2, 5), torch.zeros(1, 2, 7), torch.ones(1, 2))
     with pytest.raises(IncompatibleModelsError, match="student's hidden size|student 4, teacher 8"):
         cosine_loss(torch.zeros(1, 2, 4), torch.zeros(1, 2, 8), torch.ones(1, 2))
+
+
+# -- data ---------------------------------------------------------------------------------------
+def test_read_text_jsonl_and_saved_dataset(tmp_path):
+    import datasets
+
+    from applications.distill.data import read_texts
+
+    (tmp_path / "a.txt").write_text("one line\n\n  two  \n")
+    assert read_texts(str(tmp_path / "a.txt")) == ["one line", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x y"}\n\n{"text": "z"}\n')
+    assert read_texts(str(tmp_path / "b.jsonl")) == ["x y", "z"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["p q", "", "r"]})}).save_to_disk(
+        str(tmp_path / "ds"))
+    assert read_texts(str(tmp_path / "ds"), text_column="body") == ["p q", "r"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_texts(str(tmp_path / "ds"))
+
+
+def test_demo_corpus_is_deterministic_and_agrees_in_number():
+    import re
+
+    from applications.distill.corpus import ADJS, NOUNS, VERBS_I, VERBS_T, make_corpus
+
+    a, b = make_corpus(300, seed=1), make_corpus(300, seed=1)
+    assert a == b and a != make_corpus(300, seed=2)
+    singular_verbs, plural_verbs = set(VERBS_T) | set(VERBS_I), set(VERBS_T.values()) | set(VERBS_I.values())
+    adj = "|".join(ADJS)
+    simple = re.compile(rf"^(the|a|this|that|every|some|these|those|many|two) (?:(?:{adj}) )?(\w+) (\w+)")
+    checked = 0
+    for sentence in a:
+        m = simple.match(sentence)
+        if m is None or m.group(3) not in singular_verbs | plural_verbs:
+            continue  # subject followed by a prepositional phrase or relative clause
+        noun, verb = m.group(2), m.group(3)
+        assert (noun in NOUNS) == (verb in singular_verbs), sentence
+        checked += 1
+    assert checked > 50

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers as tf
 
-from interventions import InterventionError
 from applications.distill import ted_cli
 from applications.distill import ted_train as tt
 from applications.distill.data import train_tokenizer
 from applications.distill.ted import TEDConfig
+from interventions import InterventionError
 
-WORDS = "good bad fine awful great poor nice dull fun sad movie film plot cast".split()
+WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad", "movie", "film", "plot", "cast"]
 
 
 def _sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -200,7 +201,7 @@ def test_bad_tsv_is_refused(cls_setup, tmp_path, capsys, content, message):
     rc = ted_cli.main(["stage1", "--model", str(cls_setup / "teacher"), "--train-file", str(bad),
                        "--output", str(tmp_path / "f.pt"), *_loop("--steps", "1")])
     err = capsys.readouterr().err
-    assert rc == 2 and __import__("re").search(message, err), err
+    assert rc == 2 and re.search(message, err), err
 
 
 def test_causal_classifier_and_masked_lm_are_refused(tmp_path):
@@ -213,3 +214,17 @@ def test_causal_classifier_and_masked_lm_are_refused(tmp_path):
                                            intermediate_size=8))
     with pytest.raises(InterventionError, match="needs a sequence classifier"):
         tt.task_of(mlm)
+
+
+def test_finetune_command_trains_and_saves_a_plain_model(cls_setup, tmp_path, capsys):
+    before = _state(tf.AutoModelForSequenceClassification.from_pretrained(cls_setup / "teacher"))
+    rc = ted_cli.main(["finetune", "--model", str(cls_setup / "teacher"), "--train-file", str(cls_setup / "train.tsv"),
+                       "--output-dir", str(tmp_path / "ft"), "--eval-file", str(cls_setup / "train.tsv"),
+                       *_loop("--steps", "3")])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["steps"] == 3 and summary["eval"]["examples"] == 24
+    saved, fresh = _plain_keys(tf.AutoModelForSequenceClassification, tmp_path / "ft")
+    assert saved == fresh
+    after = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "ft")("good movie")["input_ids"]

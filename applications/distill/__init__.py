@@ -10,5 +10,7 @@ from .config import DistillConfig, objective_weights
 from .errors import DataError, DistillConfigError, IncompatibleModelsError, NonFiniteLossError, SpanError
 from .step import Objectives, aligned_pairs, distill_losses
 
-__all__ = ["DistillConfig", "objective_weights", "Objectives", "aligned_pairs", "distill_losses",
-           "DataError", "DistillConfigError", "IncompatibleModelsError", "NonFiniteLossError", "SpanError"]
+__all__ = [
+    "DataError", "DistillConfig", "DistillConfigError", "IncompatibleModelsError", "NonFiniteLossError",
+    "Objectives", "SpanError", "aligned_pairs", "distill_losses", "objective_weights",
+]

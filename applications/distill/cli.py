@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (seconds; a smoke test)")
     demo.add_argument("--progress", action="store_true", help="show progress bars")
-    demo.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default 1: robust on a busy machine; 0 = torch's default)")
     return parser
 
 
@@ -102,9 +103,9 @@ def run_train(args) -> dict:
 
 def run_eval(args) -> dict:
     from .data import read_texts
+    from .errors import DistillConfigError
     from .evaluate import evaluate
     from .models import ensure_pad, load_lm, load_tokenizer
-    from .errors import DistillConfigError
 
     texts = read_texts(args.eval_file, args.text_column)
     model = load_lm(args.model)
@@ -122,7 +123,8 @@ def run_eval(args) -> dict:
 
 
 def run_demo(args) -> dict:
-    from .demo import QUICK, DemoSize, run_demo as demo
+    from .demo import QUICK, DemoSize
+    from .demo import run_demo as demo
 
     if args.threads:
         import torch

@@ -130,7 +130,7 @@ class DistillConfig:
         return asdict(self)
 
     @classmethod
-    def from_sources(cls, config_file: str | None = None, **overrides) -> "DistillConfig":
+    def from_sources(cls, config_file: str | None = None, **overrides) -> DistillConfig:
         """Options from a YAML/JSON file, then `overrides` (values that are None are ignored)."""
         values: dict[str, Any] = {}
         if config_file:
@@ -142,7 +142,7 @@ class DistillConfig:
             raise DistillConfigError(f"unknown options {unknown}; valid options: {', '.join(sorted(known))}")
         return cls(**values)
 
-    def replace(self, **changes) -> "DistillConfig":
+    def replace(self, **changes) -> DistillConfig:
         return replace(self, **changes)
 
 
@@ -159,7 +159,7 @@ def load_config_file(path: str) -> dict:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+    except Exception as e:  # any parse error becomes one clear message
         raise DistillConfigError(f"cannot parse config file {path!r}: {e}") from e
     if not isinstance(data, dict):
         raise DistillConfigError(f"config file {path!r} must hold a mapping of options, got {type(data).__name__}")

@@ -54,7 +54,7 @@ def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
         import datasets
 
         ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # noqa: BLE001 - any failure to open becomes one clear message
+    except Exception as e:  # any failure to open becomes one clear message
         raise DataError(f"{str(p)!r} is a directory but not a dataset saved with save_to_disk: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:

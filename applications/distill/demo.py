@@ -31,7 +31,7 @@ class DemoSize:
     student_layers: int = 3
     hidden: int = 96
     teacher_steps: int = 900
-    student_steps: int = 300
+    student_steps: int = 250
     batch_size: int = 32
     vocab_size: int = 160
 
@@ -45,7 +45,7 @@ def tiny_bert(vocab_size: int, layers: int, hidden: int, tokenizer) -> tf.BertFo
     config = tf.BertConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # small data, short budget: no dropout
     return tf.BertForMaskedLM(config)
 
 
@@ -68,11 +68,11 @@ def run_demo(output_dir: str = "outputs/demo", size: DemoSize = DemoSize(), seed
     texts = read_texts(str(train_file))
     tokenizer = train_tokenizer(texts, size.vocab_size, causal=False)
     teacher = tiny_bert(len(tokenizer), size.teacher_layers, size.hidden, tokenizer)
-    common = dict(batch_size=size.batch_size, max_length=48, logging_steps=max(1, size.student_steps // 25),
-                  save_steps=10 ** 9, progress=progress, seed=seed, plot=False)
+    common = {"batch_size": size.batch_size, "max_length": 48, "logging_steps": max(1, size.student_steps // 25),
+              "save_steps": 10 ** 9, "progress": progress, "seed": seed, "plot": False}
     log(f"[demo] corpus: {len(texts)} training sentences; teacher: {size.teacher_layers} layers, width {size.hidden}")
     pretrain(teacher, tokenizer, texts, DistillConfig(output_dir=str(out / "teacher"), max_steps=size.teacher_steps,
-                                                      learning_rate=1e-3, **common))
+                                                      learning_rate=2e-3, **common))
     log(f"[demo] teacher trained ({time.time() - start:.0f}s)")
     runs = {}
     for name, recipe in (("standard", "standard"), ("diito", "diito")):

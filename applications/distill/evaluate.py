@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from interventions import record_blocks
 
 from .batching import BatchRecipe, prepare
 from .data import Collator, TokenizedTexts
-from .models import is_causal_lm
+from .models import is_causal_lm, max_tokens
 from .objectives import top1_agreement
 from .step import aligned_pairs, counterfactual
 from .student import num_layers
@@ -92,6 +93,8 @@ def evaluate(model, texts: Sequence[str], tokenizer, teacher=None, alignment="fu
              seed: int = 0, batch_size: int = 16, span_fraction: float = 0.3) -> dict:
     """{'perplexity', and with a teacher 'teacher_perplexity', 'iia', 'iia_per_pair'}."""
     need = math.ceil(1 / span_fraction) if teacher is not None else 1
+    max_length = max_tokens(model, max_length) if teacher is None else min(max_tokens(model, max_length),
+                                                                           max_tokens(teacher, max_length))
     dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data")
     out = {"perplexity": perplexity(model, dataset, tokenizer, seed, batch_size), "examples": len(dataset)}
     if teacher is not None:

@@ -50,3 +50,14 @@ def ensure_pad(tokenizer):
             raise DistillConfigError("the tokenizer has neither a pad nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def max_tokens(model: nn.Module, wanted: int) -> int:
+    """`wanted`, capped at the positions the model can embed (RoBERTa's offset of 2 included)."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return wanted
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2
+    return min(wanted, limit)

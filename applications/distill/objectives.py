@@ -43,8 +43,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     m = _positions(mask)
     s = F.log_softmax(_wide(student_logits[m]) / temperature, dim=-1)
     t = F.log_softmax(_wide(teacher_logits[m]) / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature ** 2
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,6 @@ def draw_plan(attention_mask: torch.Tensor, generators: Sequence[torch.Generator
         base_rows.append(_pick(cand_b, n, mode_, g))
         src_rows.append(_pick(cand_s, n, mode_, g))
     width = max(len(r) for r in base_rows)
-    pad = lambda rows: torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])  # noqa: E731
+    pad = lambda rows: torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])
     valid = torch.stack([torch.arange(width) < len(r) for r in base_rows])
     return InterchangePlan(perm.clone(), pad(base_rows), pad(src_rows), valid)

@@ -25,11 +25,12 @@ def plot_losses(curves: dict[str, str | Path], out: str | Path, title: str = "tr
     logs = {label: read_log(p) for label, p in curves.items() if Path(p).is_file()}
     keys = sorted({k for s in logs.values() for k in s if k == "loss" or k.startswith("loss_")})
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False)
+    colors = {label: f"C{i}" for i, label in enumerate(logs)}  # one colour per run in every panel
     for ax, key in zip(axes[0], keys):
         for label, series in logs.items():
             if key in series:
                 steps, values = zip(*series[key])
-                ax.plot(steps, values, label=label)
+                ax.plot(steps, values, label=label, color=colors[label])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

@@ -19,7 +19,7 @@ from .config import DistillConfig
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
 from .errors import DistillConfigError
 from .masking import token_weights
-from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer
+from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .plot import plot_losses
 from .step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
@@ -88,7 +88,8 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     pairs = tuple(aligned_pairs(cfg.alignment, num_layers(student), num_layers(teacher))) \
         if objectives.counterfactual else ()
     min_len = math.ceil(1 / cfg.span_fraction) if pairs else 1
-    dataset = TokenizedTexts(texts, tokenizer, cfg.max_length, min_len, source=cfg.train_file)
+    max_length = min(max_tokens(teacher, cfg.max_length), max_tokens(student, cfg.max_length))
+    dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file)
     if dataset.dropped:
         warnings.warn(f"dropped {dataset.dropped} training examples shorter than {min_len} tokens "
                       "(too short for an interchange span)", stacklevel=2)
@@ -129,7 +130,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
             from .evaluate import evaluate
 
             summary["eval"] = evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
-                                       max_length=cfg.max_length, seed=cfg.seed, batch_size=cfg.batch_size,
+                                       max_length=max_length, seed=cfg.seed, batch_size=cfg.batch_size,
                                        span_fraction=cfg.span_fraction)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -139,7 +140,7 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) 
     """Plain MLM/CLM training of `model` (e.g. a demo teacher) with the same Trainer and schedule."""
     causal = is_causal_lm(model)
     tokenizer = ensure_pad(tokenizer)
-    dataset = TokenizedTexts(texts, tokenizer, cfg.max_length, 1, source="pretraining data")
+    dataset = TokenizedTexts(texts, tokenizer, max_tokens(model, cfg.max_length), 1, source="pretraining data")
     vocab = model.get_output_embeddings().weight.shape[0]
     recipe = BatchRecipe(
         causal=causal, seed=cfg.seed, pairs=(),

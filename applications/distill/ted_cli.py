@@ -1,9 +1,9 @@
-"""The ``ted`` command: ``python -m applications.distill ted {stage1,stage2,all} --help``.
+"""The ``ted`` command: ``python -m applications.distill ted {finetune,stage1,stage2,all} --help``.
 
-stage1: train the filters (and their task heads) of one frozen model, saved to a .pt file.
-stage2: distil the teacher into the student (TED, or the KD / LWD baselines); the student is saved
+finetune: plain task training (e.g. of the teacher, first). stage1: train the filters (and their task
+heads) of one frozen model, saved to a .pt file. stage2: distil the teacher into the student (TED, or the KD / LWD baselines); the student is saved
 with save_pretrained, without filters. all: stage 1 for the teacher, then the student, then stage 2.
-Also runnable on its own: ``python -m applications.distill.ted_cli {stage1,stage2,all}``.
+Also runnable on its own: ``python -m applications.distill.ted_cli {finetune,stage1,stage2,all}``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def _stage2_flags(p: argparse.ArgumentParser) -> None:
 def add_stages(parser: argparse.ArgumentParser) -> None:
     """The stage1 / stage2 / all subcommands under `parser`."""
     stages = parser.add_subparsers(dest="stage", required=True)
+    ft = stages.add_parser("finetune", help="fine-tune a model on the task (e.g. the teacher, before stage 1)",
+                           description="Plain task training of the whole model (classification: cross-entropy on "
+                                       "the labels; LM: next-token loss); saved with save_pretrained.")
+    ft.add_argument("--model", required=True, help="save_pretrained directory (with its tokenizer)")
+    ft.add_argument("--output-dir", required=True, help="where the fine-tuned model is saved")
+    ft.add_argument("--eval-file", help="held-out data (same format as --train-file): accuracy or perplexity")
+    _common(ft)
+    _loop_flags(ft, steps=500, lr=5e-4)
     s1 = stages.add_parser("stage1", help="train one frozen model's filters and task heads",
                            description="Stage 1: freeze the model; train a filter and a task head on every "
                                        "interval-th block on the task loss averaged over filters.")
@@ -99,7 +107,7 @@ def add_stages(parser: argparse.ArgumentParser) -> None:
 
 def add_ted_parser(sub) -> None:
     """``ted`` under the main CLI's subcommands."""
-    ted = sub.add_parser("ted", help="TED task-aware layer-wise distillation (stage1 / stage2 / all)",
+    ted = sub.add_parser("ted", help="TED task-aware layer-wise distillation (finetune / stage1 / stage2 / all)",
                          description="TED (Liang et al., ICML 2023): task-aware filters, then layer-wise "
                                      "distillation through them. KD and LWD baselines via stage2 --mode.")
     add_stages(ted)
@@ -166,8 +174,27 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
     return summary
 
 
+def _finetune(args) -> dict:
+    from . import ted_train as tt
+
+    model = tt.load_model(args.model)
+    task = tt.task_of(model)
+    tok = _tokenizer(args.model)
+    opts = _options(args)
+    data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
+    losses = tt.finetune(model, data, opts)
+    out = tt.export(model, args.output_dir, tok)
+    summary = {"model": str(out), "task": task, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
+    if args.eval_file:
+        summary["eval"] = tt.evaluate(model, tt.task_data(args.eval_file, tok, task, opts.max_length,
+                                                          tt.num_outputs(model, task)))
+    return summary
+
+
 def run_ted(args) -> dict:
     """Run the chosen stage; returns a JSON-able summary."""
+    if args.stage == "finetune":
+        return _finetune(args)
     if args.stage == "stage1":
         return _stage1(args.model, args, args.output, args.interval, args.teacher)
     if args.stage == "stage2":

@@ -10,7 +10,7 @@ Filters live apart from the model: the exported student is the plain HF model (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,16 @@ from .data import read_texts
 from .errors import DataError, DistillConfigError, IncompatibleModelsError
 from .models import is_causal_lm
 from .sst import read_labelled
-from .ted import TEDConfig, TEDFilters, Task, filtered_layers, pair_layers, stage1_loss, stage2_loss, task_loss
+from .ted import (
+    Task,
+    TEDConfig,
+    TEDFilters,
+    filtered_layers,
+    pair_layers,
+    stage1_loss,
+    stage2_loss,
+    task_loss,
+)
 
 TASKS = ("classification", "lm")
 
@@ -262,7 +271,7 @@ def load_filters(path: str | Path, who: str = "model") -> TEDFilters:
         meta = saved["meta"]
         if meta.get("format") != FILTER_FORMAT:
             raise KeyError("format")
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
+    except Exception as e:
         raise DistillConfigError(f"{str(path)!r} is not a TED stage-1 filter file ({e})") from e
     filters = TEDFilters(meta["layers"], meta["d_model"], meta["width"], meta["kind"], meta["task"],
                          meta["num_outputs"])
@@ -383,7 +392,3 @@ def export(student: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
-
-
-def with_steps(options: LoopOptions, **changes) -> LoopOptions:
-    return replace(options, **{k: v for k, v in changes.items() if v is not None})
