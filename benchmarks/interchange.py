@@ -17,8 +17,8 @@ import statistics
 import sys
 import time
 import warnings
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,10 +26,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
-import transformers as tf  # noqa: E402
+import torch
+import transformers as tf
 
-from interventions import Site, interchange, patching_sweep  # noqa: E402
+from interventions import Site, interchange, patching_sweep
 
 tf.logging.set_verbosity_error()
 TOL = 1e-5

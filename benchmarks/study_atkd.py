@@ -11,6 +11,7 @@ ground-truth CLM loss, so the comparison is of the distillation objectives alone
 
     python benchmarks/study_atkd.py                 # the study (~12 min on a shared 2-core CPU, 1 thread)
     python benchmarks/study_atkd.py --quick         # a smoke run (seconds)
+    python benchmarks/study_atkd.py --with-clm      # both methods also get the CLM loss (weights 0.5 / 0.5)
 Last line: one JSON object (also written to --out).
 """
 
@@ -113,6 +114,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--student-steps", type=int, default=200)
     ap.add_argument("--eval-blocks", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--with-clm", action="store_true",
+                    help="add the ground-truth CLM loss to both (0.5 * clm + 0.5 * distillation loss)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="outputs/study_atkd.json")
     a = ap.parse_args(argv)
@@ -138,16 +141,23 @@ def main(argv=None) -> dict:
     result = {"teacher_ppl": perplexity(teacher, valid_ids), "runs": {"kd": {}, "atkd": {}}}
     print(f"teacher ppl {result['teacher_ppl']:.2f} ({time.time() - start:.0f}s)", flush=True)
 
-    def kd(m, ids):
-        s = F.log_softmax(m(input_ids=ids).logits.float(), -1)
-        with torch.no_grad():
-            t = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    def kd_term(s_logits, t_logits, ids):
+        s, t = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
         return (t.exp() * (t - s)).sum(-1).mean()
 
-    def atkd(m, ids):
-        with torch.no_grad():
-            t = teacher(input_ids=ids).logits
-        return atkd_objective(m(input_ids=ids).logits, t, ids, causal=True, config=ATKDConfig())[0]
+    def atkd_term(s_logits, t_logits, ids):
+        return atkd_objective(s_logits, t_logits, ids, causal=True, config=ATKDConfig())[0]
+
+    def objective(term):
+        def loss(m, ids):
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids).logits
+            s_logits = m(input_ids=ids).logits
+            value = term(s_logits, t_logits, ids)
+            return 0.5 * clm(s_logits, ids) + 0.5 * value if a.with_clm else value
+        return loss
+
+    kd, atkd = objective(kd_term), objective(atkd_term)
 
     for seed in a.seeds:
         for name, fn in (("kd", kd), ("atkd", atkd)):

@@ -1,6 +1,6 @@
 """`patching_sweep` against a naive loop of single interchanges (one base run per (layer, position)).
 
-The oracle runs `interchange` once per (layer, position) — plain batch-1 runs, no batch growth, no
+The oracle runs `interchange` once per (layer, position) — plain batch-1 runs, no block replay, no
 head slicing — so it shares nothing with the sweep's batching. Models are the float64 tiny GPT-2
 and Llama of conftest (rotary tables and GQA for Llama), plus a BERT-style encoder with a padded mask.
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from conftest import VOCAB, hook_ids, randomise, tokens
 
 from interventions import Site, interchange, patching_sweep
 from interventions.errors import SelectorError, ShapeError, UnknownSiteError, UnsupportedModelError
-
-from conftest import VOCAB, hook_ids, randomise, tokens
 
 SEQ = 6
 
@@ -32,10 +31,11 @@ def naive(model, base, source, layers, positions, readout):
     return torch.stack(rows)
 
 
-def test_sweep_equals_naive_loop_all_layers_and_positions(tiny):
+@pytest.mark.parametrize("chunk_tokens", [256, 2 * SEQ, 1])  # one chunk per layer, 2 rows, 1 row per chunk
+def test_sweep_equals_naive_loop_all_layers_and_positions(tiny, chunk_tokens):
     base, source = tokens(1, SEQ, seed=1), tokens(1, SEQ, seed=2)
     with torch.no_grad():
-        got = patching_sweep(tiny, base, source)
+        got = patching_sweep(tiny, base, source, chunk_tokens=chunk_tokens)
     n = tiny.config.num_hidden_layers
     expected = naive(tiny, base, source, range(n), range(SEQ), -1)
     assert got.shape == (n, SEQ, VOCAB)
@@ -101,6 +101,7 @@ def test_no_hooks_left_after_success_and_after_errors(gpt2):
         ({"positions": [-SEQ - 1]}, SelectorError, "out of range"),
         ({"positions": torch.tensor([[1], [3]])}, SelectorError, "list of ints"),
         ({"readout": SEQ}, SelectorError, "readout"),
+        ({"chunk_tokens": 0}, SelectorError, "chunk_tokens"),
     ],
 )
 def test_bad_input_raises_a_clear_error_before_running(gpt2, kwargs, error, words):
@@ -120,6 +121,23 @@ def test_pooled_classifier_is_refused():
     """A sequence-level head cannot give a per-position readout: a clear UnsupportedModelError."""
     config = tf.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=VOCAB, pad_token_id=0, num_labels=3)
     model = tf.GPT2ForSequenceClassification(config).eval()
-    with pytest.raises(UnsupportedModelError, match="one row per example"):
-        with torch.no_grad():
-            patching_sweep(model, tokens(1, SEQ, seed=12), tokens(1, SEQ, seed=13))
+    with pytest.raises(UnsupportedModelError, match="one row per example"), torch.no_grad():
+        patching_sweep(model, tokens(1, SEQ, seed=12), tokens(1, SEQ, seed=13))
+
+
+class _ScaledLogits(tf.GPT2LMHeadModel):
+    """A model whose logits are not its head's raw output (like logit soft-capping or scaling)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_logits_after_the_head_are_respected():
+    torch.manual_seed(5)
+    model = _ScaledLogits(tf.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32)).eval()
+    base, source = tokens(1, SEQ, seed=14), tokens(1, SEQ, seed=15)
+    with torch.no_grad():
+        got = patching_sweep(model, base, source)
+    torch.testing.assert_close(got, naive(model, base, source, range(2), range(SEQ), -1), rtol=0, atol=1e-5)

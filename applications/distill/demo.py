@@ -15,7 +15,7 @@ import transformers as tf
 
 from .config import DistillConfig
 from .corpus import make_corpus
-from .data import read_texts, train_tokenizer
+from .data import read_texts, word_tokenizer
 from .evaluate import evaluate
 from .plot import plot_losses
 from .run import pretrain, train
@@ -33,7 +33,6 @@ class DemoSize:
     teacher_steps: int = 900
     student_steps: int = 250
     batch_size: int = 32
-    vocab_size: int = 160
 
 
 QUICK = DemoSize(train_sentences=600, eval_sentences=64, teacher_layers=4, student_layers=2, hidden=32,
@@ -66,7 +65,7 @@ def run_demo(output_dir: str = "outputs/demo", size: DemoSize = DemoSize(), seed
     torch.manual_seed(seed)
     train_file, eval_file = write_corpus(out / "corpus", size, seed)
     texts = read_texts(str(train_file))
-    tokenizer = train_tokenizer(texts, size.vocab_size, causal=False)
+    tokenizer = word_tokenizer(texts)  # the grammar's words: deterministic ids
     teacher = tiny_bert(len(tokenizer), size.teacher_layers, size.hidden, tokenizer)
     common = {"batch_size": size.batch_size, "max_length": 48, "logging_steps": max(1, size.student_steps // 25),
               "save_steps": 10 ** 9, "progress": progress, "seed": seed, "plot": False}
