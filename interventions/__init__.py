@@ -1,7 +1,14 @@
 """interventions: named sites of any PyTorch model, and causal interventions on them.
 
-Public API (what applications may use): sites and the site graph, the primitives `get_value`,
-`set_value` and `interchange`, intervention types, the patching sweep, and the errors.
+This module is the public API — everything applications may use:
+
+- sites and the site graph: `Site`, `SiteGraph`;
+- the primitives: `get_value`, `set_value`, `interchange`; the sweep `patching_sweep`;
+- intervention types: `Replace`, `Zero`, `Constant`, `Add`, `Rotation`, `RotatedSubspace`, ...;
+- reuse of a forward pass: `record_blocks`, `replay_blocks`;
+- alignments: `Alignment`, `interchange_aligned`, and the layer-stride constructors in `alignments`;
+- causal models and metrics: `CausalModel`, `CounterfactualDataset`, `iia`, `iit_loss`, `das_loss`, ...;
+- errors: `InterventionError` and its subclasses.
 """
 
 from . import alignments
@@ -18,6 +25,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .graph import SiteGraph
+from .metrics import IIAResult, RotatedDims, iia, iit_loss, interchange_output, logits_of
 from .operators import (
     Add,
     Constant,
@@ -29,21 +37,26 @@ from .operators import (
     Zero,
 )
 from .patching import patching_sweep
-from .metrics import IIAResult, RotatedDims, iia, iit_loss, interchange_output, logits_of
 from .primitives import get_value, interchange, set_value
-from .training import das_loss, frozen, mixed_batches, task_loss
 from .sites import Site
+from .training import das_loss, frozen, mixed_batches, task_loss
 
 __all__ = [
+    # sites and the graph
     "Site", "SiteGraph",
+    # primitives
     "get_value", "set_value", "interchange", "patching_sweep",
+    # intervention types
     "Intervention", "Replace", "Zero", "Constant", "Add", "Rotation", "RotatedSubspace",
     "LowRankRotatedSubspace",
+    # reuse of a forward pass
+    "BlockRecording", "record_blocks", "replay_blocks",
+    # alignments
+    "Alignment", "alignments", "interchange_aligned",
+    # causal models, metrics, training helpers
+    "CausalModel", "CounterfactualDataset", "IIAResult", "RotatedDims", "iia", "iit_loss", "interchange_output",
+    "logits_of", "das_loss", "frozen", "mixed_batches", "task_loss",
+    # errors
     "InterventionError", "UnknownSiteError", "SelectorError", "ShapeError", "UnsupportedModelError",
     "AlignmentError", "CausalModelError",
-    "Alignment", "alignments", "interchange_aligned",
-    "BlockRecording", "record_blocks", "replay_blocks",
-    "CausalModel", "CounterfactualDataset", "IIAResult", "RotatedDims", "iia", "iit_loss", "interchange_output",
-    "logits_of",
-    "das_loss", "frozen", "mixed_batches", "task_loss",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import IncompatibleModelsError
+from .errors import DataError, IncompatibleModelsError
 
 IGNORE = -100
 
@@ -22,7 +22,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     m = mask.bool()
     if not bool(m.any()):
-        raise ValueError("the loss mask selects no position")
+        raise DataError("the loss mask selects no position: every token of the batch is padding or ignored")
     return m
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from interventions import Alignment, AlignmentError, alignments, record_blocks, replay_blocks, set_value
 
 from . import objectives as obj
+from .errors import DistillConfigError
 from .pairing import InterchangePlan
 
 _LAYER = re.compile(r"layers\.(\d+)\.output")
@@ -112,7 +113,7 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
     losses: dict[str, torch.Tensor] = {}
     if teacher is None:  # plain language modelling (e.g. pretraining a teacher)
         if set(w) - {"mlm", "clm"}:
-            raise ValueError(f"objectives {sorted(set(w) - {'mlm', 'clm'})} need a teacher")
+            raise DistillConfigError(f"objectives {sorted(set(w) - {'mlm', 'clm'})} need a teacher")
         logits = (student_call or student)(**inputs).logits
         losses.update({k: (obj.mlm_loss if k == "mlm" else obj.clm_loss)(logits, labels) for k in w})
         losses["loss"] = sum(w[k] * losses[k] for k in w)
@@ -134,7 +135,7 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
                                         t_rec.value(t_rec.num_layers - 1), mask)
     if objectives.counterfactual:
         if plan is None or pair is None:
-            raise ValueError("diito objectives need an interchange plan and an aligned (student, teacher) pair")
+            raise DistillConfigError("diito objectives need an interchange plan and an aligned (student, teacher) pair")
         s_layer, t_layers = pair
         keep = "diito_cos" in w
         with torch.no_grad():

@@ -1,0 +1,94 @@
+"""The DIITO study pipeline at toy size: runs end to end, caches every finished piece, resumes, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import study_diito as sd
+
+SMOKE = ["--smoke", "--variants", "standard", "full", "--seeds", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """One smoke study, then a second invocation of the same command on the same cache."""
+    tmp = tmp_path_factory.mktemp("study")
+    report = tmp / "docs" / "results.md"
+    report.parent.mkdir()
+    report.write_text("# Results\n\n## Someone else's study\n\nTheir text.\n")
+    argv = SMOKE + ["--work", str(tmp / "work"), "--report", str(report)]
+    first = sd.main(argv, log=lambda *_: None)
+    stamps = {p: os.path.getmtime(p) for p in (tmp / "work").rglob("result.json")}
+    second = sd.main(argv, log=lambda *_: None)
+    return tmp, report, first, second, stamps
+
+
+def test_first_invocation_runs_every_piece(two_runs):
+    tmp, _, first, _, _ = two_runs
+    assert sorted(first["ran"]) == sorted(["standard-L3-s0", "full-L3-s0", "sst:teacher", "sst:standard-L3-s0",
+                                           "sst:full-L3-s0"])
+    assert first["reused"] == [] and first["busy"] == []
+    for name in ("standard", "full"):
+        r = first["rows"][f"{name}-L3"][0]
+        assert r["steps"] == sd.SMOKE.student_steps
+        assert 1.0 < r["perplexity"] < math.inf
+        assert 0.0 <= r["iia"] <= 1.0
+        assert 0.0 <= r["sst"] <= 1.0
+        assert r["command"].startswith("python -m applications.distill train ")
+        assert f"--max-steps {sd.SMOKE.student_steps}" in r["command"]
+    # The DIITO run was given the diito recipe, the baseline the standard one (read back from the run's config).
+    cfg = json.loads((tmp / "work" / "runs" / "full-L3-s0" / "distill_config.json").read_text())
+    assert cfg["resolved_objectives"] == {"ce": 0.25, "mlm": 0.25, "cos": 0.25, "diito": 0.25}
+    cfg = json.loads((tmp / "work" / "runs" / "standard-L3-s0" / "distill_config.json").read_text())
+    assert set(cfg["resolved_objectives"]) == {"ce", "mlm", "cos"}
+
+
+def test_second_invocation_reuses_finished_runs(two_runs):
+    _, _, first, second, stamps = two_runs
+    assert second["ran"] == []
+    assert sorted(second["reused"]) == sorted(first["ran"])
+    assert second["rows"] == first["rows"]
+    assert {p: os.path.getmtime(p) for p in stamps} == stamps  # nothing rewritten
+
+
+def test_report_section_added_and_others_kept(two_runs):
+    _, report, first, _, _ = two_runs
+    text = report.read_text()
+    assert text.startswith("# Results\n\n## Someone else's study\n\nTheir text.\n")
+    assert text.count(sd.HEADING) == 1
+    assert "| 3 layers | DIITO FULL | 1/1 |" in text
+    assert "**Partial study.**" not in text  # every requested run finished
+    assert (report.parent / "study_diito.png").stat().st_size > 0
+
+
+def test_write_section_replaces_only_the_generated_block(tmp_path):
+    md = tmp_path / "results.md"
+    md.write_text(f"# R\n\n{sd.HEADING}\n\nmy reading\n\n## ATKD\n\natkd text\n")
+    sd.write_section(md, "table v1")
+    sd.write_section(md, "table v2")
+    assert md.read_text() == (f"# R\n\n{sd.HEADING}\n\n{sd.START}\ntable v2\n{sd.END}\n\nmy reading\n\n"
+                              "## ATKD\n\natkd text\n")
+
+
+def test_missing_data_skips_with_a_message(tmp_path):
+    said = []
+    out = sd.main(["--data", str(tmp_path / "absent"), "--work", str(tmp_path / "w")], log=said.append)
+    assert out["skipped"] is True
+    assert said and said[0].startswith("skipped:") and "wikitext-2" in said[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    lock = tmp_path / "run.lock"
+    lock.write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(sd.Busy):
+        with sd.Lock(lock):
+            pass
+    lock.write_text("999999999")  # no such process
+    with sd.Lock(lock):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
