@@ -400,13 +400,51 @@ def write_section(results_md: Path, generated: str) -> None:
     results_md.write_text(text, encoding="utf-8")
 
 
+def unigram_perplexity(work: Path, max_length: int) -> float:
+    """Reference: held-out perplexity of the training unigram distribution (add-one), teacher's tokenizer.
+
+    A masked LM that ignores context cannot do much better than this; a teacher near it has not yet
+    learned to use context (cached in work/unigram.json).
+    """
+    cache = work / "unigram.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["perplexity"]
+    import torch
+    import transformers as tf
+
+    from applications.distill.data import read_texts
+
+    tok = tf.AutoTokenizer.from_pretrained(str(work / "teacher"))
+    special = set(tok.all_special_ids)
+
+    def ids(name):
+        enc = tok(read_texts(str(work / "data" / name)), truncation=True, max_length=max_length)["input_ids"]
+        return torch.tensor([i for x in enc for i in x if i not in special])
+
+    counts = torch.bincount(ids("train.txt"), minlength=len(tok)).double() + 1
+    probs = counts / counts.sum()
+    ppl = math.exp(float(-probs[ids("eval.txt")].log().mean()))
+    cache.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
+
+
+def timing(work: Path) -> dict:
+    """Wall clock from the data's preparation to the newest finished piece; summed training seconds."""
+    pieces = list(work.rglob("result.json")) + list(work.rglob("sst.json"))
+    first = (work / "data" / "result.json").stat().st_mtime
+    last = max(p.stat().st_mtime for p in pieces)
+    train = sum(json.loads(p.read_text()).get("train_seconds", 0) for p in (work / "runs").glob("*/result.json"))
+    return {"wall_minutes": (last - first) / 60, "student_train_minutes": train / 60}
+
+
 def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png: Path | None, command: str,
-                   seconds: float) -> str:
+                   work: Path) -> str:
     """The tables and facts the study regenerates (the reading around them is written by hand)."""
     import platform
 
     import torch
 
+    clock = timing(work)
     expected = len(seeds) * len(rows)
     done = sum(len(r) for r in rows.values())
     missing = [f"{v} L{L} seed {s}" for (v, L), r in rows.items() for s in seeds if s not in r]
@@ -414,8 +452,10 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
     lines = [f"Regenerate (resumes from the cache in `--work`; finished runs are reused):", "", "```",
              command, "```", "",
              f"Hardware: {platform.machine()} CPU, {__import__('os').cpu_count()} cores shared with other jobs, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s). Last invocation: "
-             f"{seconds / 60:.1f} min. Runs finished: {done}/{expected}."]
+             f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) per process. Wall clock from "
+             f"the first piece to the last finished one: {clock['wall_minutes']:.0f} min (students' training alone: "
+             f"{clock['student_train_minutes']:.0f} min summed over runs; several study processes may share the "
+             f"cache, each taking the runs the others have not started). Runs finished: {done}/{expected}."]
     if missing:
         lines += ["", f"**Partial study.** Missing distillation runs: {', '.join(missing)}."]
     if no_sst:
@@ -428,7 +468,8 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
               f"WordPiece vocabulary {teacher.get('vocab')}, {teacher.get('params', 0) / 1e6:.2f} M parameters, "
               f"{size.teacher_steps} steps of batch {size.batch_size} (max length {size.max_length}), "
               f"{teacher.get('seconds_per_step', float('nan')):.2f} s/step. Held-out MLM perplexity "
-              f"**{teacher.get('perplexity', float('nan')):.2f}**"
+              f"**{teacher.get('perplexity', float('nan')):.2f}** (reference: the training unigram distribution "
+              f"scores {teacher.get('unigram', float('nan')):.2f} on the same held-out tokens)"
               + (f"; SST-2 dev accuracy {teacher['sst']:.3f}." if "sst" in teacher else "."), "",
               "Students: every variant, every seed: the same teacher, data, "
               f"{size.student_steps} steps, batch {size.batch_size}; SST-2: {size.sst_steps} steps "
@@ -514,9 +555,11 @@ def main(argv=None, log=print) -> dict:
         png = plot(rows, teacher.get("perplexity", 0.0), png) or png
         if (work / "teacher" / "sst.json").is_file():
             teacher["sst"] = json.loads((work / "teacher" / "sst.json").read_text())["accuracy"]
-        command = "python benchmarks/study_diito.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        text = generated_text(rows, teacher, info, size, a.seeds, png if png.is_file() else None, command,
-                              time.time() - start)
+        if (work / "teacher" / "result.json").is_file():
+            teacher["unigram"] = unigram_perplexity(work, size.max_length)
+        shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]
+        command = "python benchmarks/study_diito.py " + shlex.join(shown)
+        text = generated_text(rows, teacher, info, size, a.seeds, png if png.is_file() else None, command, work)
         (work / "tables.md").write_text(text + "\n")
         write_section(Path(a.report), text)
         result["plot"] = str(png)

@@ -1,7 +1,7 @@
 """Study (b): SST-2 dev accuracy of a small BERT-style student distilled with KD, LWD and TED, 3 seeds.
 
 Data: ../shared/data/sst-2 (train.tsv, dev.tsv; see its README); the study exits with a clear message
-when it is absent. A WordPiece tokenizer is trained on a seeded training subset. The teacher (BERT
+when it is absent. A word-level tokenizer (deterministic) is trained on a seeded training subset. The teacher (BERT
 architecture, 4 layers, width 128, from random init: no pretrained weights here) is fine-tuned on the
 subset first; TED's teacher filters (interval 2: blocks 1 and 3) are trained once (stage 1). Per seed,
 one student init (2 layers, width 64) is distilled three ways on the same batches with the same
@@ -27,11 +27,28 @@ import torch
 import transformers as tf
 
 from applications.distill import ted_train as tt
-from applications.distill.data import train_tokenizer
 from applications.distill.sst import read_labelled
 from applications.distill.ted import TEDConfig
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst-2"
+
+
+def word_tokenizer(texts: list[str], vocab_size: int):
+    """A BERT-style word-level tokenizer ([CLS] words [SEP]); deterministic, unlike WordPiece training,
+    whose ties between equally frequent merges are broken differently from run to run."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
+                                                                                              ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
 def bert(vocab: int, layers: int, width: int, heads: int, seed: int):
@@ -70,8 +87,8 @@ def main(argv=None) -> dict:
     sub = data_dir = Path(a.out).parent / "study_ted_data"
     data_dir.mkdir(parents=True, exist_ok=True)
     (sub / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{texts[r]}\t{labels[r]}\n" for r in rows))
-    tok = train_tokenizer([texts[r] for r in rows], a.vocab, causal=False)
-    vocab = len(tok)
+    tok = word_tokenizer([texts[r] for r in rows], a.vocab)
+    vocab = max(tok.get_vocab().values()) + 1
     train = tt.task_data(str(sub / "train.tsv"), tok, "classification", 64, 2)
     dev = tt.task_data(str(data / "dev.tsv"), tok, "classification", 64, 2)
     print(f"vocab {vocab}, train {len(train)}, dev {len(dev)}", flush=True)
