@@ -314,8 +314,9 @@ def collect(work: Path, variants, layer_list, seeds) -> dict:
 
 
 def table(rows: dict, seeds) -> str:
-    lines = ["| student | variant | seeds done | held-out MLM perplexity | teacher-student IIA (FULL) | "
-             "s / step | SST-2 dev accuracy |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| student | variant | seeds done | held-out MLM perplexity | teacher-student IIA (FULL) | "
+              "s / step | SST-2 dev accuracy |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for (v, layers), runs in rows.items():
         done = sorted(runs)
         sst = [r["sst"] for r in runs.values() if "sst" in r]
@@ -338,7 +339,7 @@ def per_seed(rows: dict) -> str:
 
 
 def plot(rows: dict, teacher_ppl: float, path: Path) -> Path | None:
-    """Perplexity (mean ± std) and IIA (mean ± std) per variant, one bar each."""
+    """Perplexity and IIA per variant: mean ± std over seeds, and each seed as a small dot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,21 +350,19 @@ def plot(rows: dict, teacher_ppl: float, path: Path) -> Path | None:
         return None
     names = [f"{LABELS[v]}\n(L{layers}, n={len(r)})" for (v, layers), r in items]
 
-    def stats(key):
-        vals = [[x[key] for x in r.values()] for _, r in items]
-        return ([statistics.mean(v) for v in vals], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals])
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, title in ((axes[0], "perplexity", "held-out MLM perplexity (lower is better)"),
                            (axes[1], "iia", "teacher-student IIA, FULL alignment (higher is better)")):
-        mean, std = stats(key)
-        ax.bar(range(len(items)), mean, yerr=std, capsize=4, color=["#888" if k[0] == "standard" else "#3a7"
-                                                                    for k, _ in items])
+        for x, (k, r) in enumerate(items):
+            vals = [run[key] for run in r.values()]
+            color = "#777" if k[0] == "standard" else "#2a7"
+            ax.scatter([x] * len(vals), vals, s=14, color=color, alpha=0.5, zorder=2)  # each seed
+            ax.errorbar([x], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0.0],
+                        fmt="o", ms=8, capsize=5, color=color, zorder=3)  # mean ± std
         ax.set_xticks(range(len(items)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        lo = min(m - s for m, s in zip(mean, std))
-        hi = max(m + s for m, s in zip(mean, std))
-        ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
+        ax.set_xlim(-0.5, len(items) - 0.5)
+        ax.set_title(title + "\nmean ± std (large), each seed (small)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
     if teacher_ppl:
         axes[0].axhline(teacher_ppl, color="k", ls="--", lw=1, label=f"teacher {teacher_ppl:.2f}")
         axes[0].legend(fontsize=8)
@@ -449,31 +448,31 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
     done = sum(len(r) for r in rows.values())
     missing = [f"{v} L{L} seed {s}" for (v, L), r in rows.items() for s in seeds if s not in r]
     no_sst = [f"{v} L{L} seed {s}" for (v, L), r in rows.items() for s, x in r.items() if "sst" not in x]
-    lines = [f"Regenerate (resumes from the cache in `--work`; finished runs are reused):", "", "```",
+    lines = ["Regenerate (resumes from the cache in `--work`; finished runs are reused):", "", "```",
              command, "```", "",
-             f"Hardware: {platform.machine()} CPU, {__import__('os').cpu_count()} cores shared with other jobs, "
+             (f"Hardware: {platform.machine()} CPU, {__import__('os').cpu_count()} cores shared with other jobs, "
              f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) per process. Wall clock from "
              f"the first piece to the last finished one: {clock['wall_minutes']:.0f} min (students' training alone: "
              f"{clock['student_train_minutes']:.0f} min summed over runs; several study processes may share the "
-             f"cache, each taking the runs the others have not started). Runs finished: {done}/{expected}."]
+             f"cache, each taking the runs the others have not started). Runs finished: {done}/{expected}.")]
     if missing:
         lines += ["", f"**Partial study.** Missing distillation runs: {', '.join(missing)}."]
     if no_sst:
         lines += ["", f"Missing SST-2 fine-tunes: {', '.join(no_sst)}."]
-    lines += ["", f"Data: {info.get('train_sentences')} training sentences ({info.get('train_words')} words) "
+    lines += ["", (f"Data: {info.get('train_sentences')} training sentences ({info.get('train_words')} words) "
               f"from WikiText-2 `test.txt`, the first {info.get('eval_sentences')} sentences of `valid.txt` held "
               f"out; SST-2: a fixed seeded subset of {info.get('sst_train')} training sentences, all "
-              f"{info.get('sst_dev')} dev sentences.", "",
-              f"Teacher: BERT masked LM, {size.teacher_layers} layers, width {size.hidden}, {size.heads} heads, "
+              f"{info.get('sst_dev')} dev sentences."), "",
+              (f"Teacher: BERT masked LM, {size.teacher_layers} layers, width {size.hidden}, {size.heads} heads, "
               f"WordPiece vocabulary {teacher.get('vocab')}, {teacher.get('params', 0) / 1e6:.2f} M parameters, "
               f"{size.teacher_steps} steps of batch {size.batch_size} (max length {size.max_length}), "
               f"{teacher.get('seconds_per_step', float('nan')):.2f} s/step. Held-out MLM perplexity "
               f"**{teacher.get('perplexity', float('nan')):.2f}** (reference: the training unigram distribution "
               f"scores {teacher.get('unigram', float('nan')):.2f} on the same held-out tokens)"
-              + (f"; SST-2 dev accuracy {teacher['sst']:.3f}." if "sst" in teacher else "."), "",
-              "Students: every variant, every seed: the same teacher, data, "
+              + (f"; SST-2 dev accuracy {teacher['sst']:.3f}." if "sst" in teacher else ".")), "",
+              ("Students: every variant, every seed: the same teacher, data, "
               f"{size.student_steps} steps, batch {size.batch_size}; SST-2: {size.sst_steps} steps "
-              f"(batch {size.batch_size}, lr {size.sst_lr}) from each student's weights, one fixed fine-tuning seed.",
+              f"(batch {size.batch_size}, lr {size.sst_lr}) from each student's weights, one fixed fine-tuning seed."),
               "", table(rows, seeds), ""]
     if png is not None:
         lines += [f"![perplexity and IIA by variant]({png.name})", ""]

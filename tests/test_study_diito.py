@@ -56,7 +56,7 @@ def test_second_invocation_reuses_finished_runs(two_runs):
 
 
 def test_report_section_added_and_others_kept(two_runs):
-    _, report, first, _, _ = two_runs
+    _, report, _, _, _ = two_runs
     text = report.read_text()
     assert text.startswith("# Results\n\n## Someone else's study\n\nTheir text.\n")
     assert text.count(sd.HEADING) == 1
@@ -85,9 +85,8 @@ def test_missing_data_skips_with_a_message(tmp_path):
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     lock = tmp_path / "run.lock"
     lock.write_text(str(os.getppid()))  # a live process that is not us
-    with pytest.raises(sd.Busy):
-        with sd.Lock(lock):
-            pass
+    with pytest.raises(sd.Busy), sd.Lock(lock):
+        pass
     lock.write_text("999999999")  # no such process
     with sd.Lock(lock):
         assert lock.read_text() == str(os.getpid())

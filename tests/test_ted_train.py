@@ -228,3 +228,16 @@ def test_finetune_command_trains_and_saves_a_plain_model(cls_setup, tmp_path, ca
     after = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert tf.AutoTokenizer.from_pretrained(tmp_path / "ft")("good movie")["input_ids"]
+
+
+def test_the_main_cli_has_the_ted_command(cls_setup, tmp_path, capsys):
+    from applications.distill.cli import main
+
+    rc = main(["ted", "stage1", "--model", str(cls_setup / "teacher"), "--train-file", str(cls_setup / "train.tsv"),
+               "--output", str(tmp_path / "f.pt"), "--interval", "4", *_loop("--steps", "1")])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["layers"] == [3]
+    assert tt.load_filters(tmp_path / "f.pt").layers == [3]
+    rc = main(["ted", "stage2", "--teacher", str(cls_setup / "teacher"), "--student", str(cls_setup / "student"),
+               "--train-file", str(cls_setup / "train.tsv"), "--output-dir", str(tmp_path / "s"),
+               "--student-filters", str(tmp_path / "f.pt"), *_loop("--steps", "1")])  # no teacher filters given
+    assert rc == 2 and "needs the teacher's stage-1 filter file: pass --teacher-filters" in capsys.readouterr().err

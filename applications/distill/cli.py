@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from interventions import InterventionError
 
 from .config import ALIGNMENTS, OBJECTIVES, RECIPES, SPAN_MODES, DistillConfig
+from .ted_cli import add_ted_parser, run_ted
 
 HELP = {
     "teacher": "teacher: a save_pretrained directory or a hub id (masked or causal LM)",
@@ -22,6 +23,9 @@ HELP = {
     "recipe": f"weights when --objectives is absent: {', '.join(RECIPES)} (diito: 0.25 each of ce, mlm, cos, "
               "diito; standard: 1/3 each of ce, mlm, cos)",
     "temperature": "softmax temperature T of ce and diito (times T^2)",
+    "atkd_lambda": "ATKD (objectives atkd, atkd_reverse): weight lambda of the easy tokens' DKD; hard tokens get "
+                   "1 - lambda (docs/atkd.md)",
+    "atkd_hard_fraction": "ATKD: share of valid tokens, by highest teacher uncertainty 1 - p_target, that are hard",
     "ce_scope": "ce over 'all' non-pad tokens (the paper) or 'masked' ones only",
     "alignment": f"student->teacher layer alignment: {', '.join(ALIGNMENTS)}",
     "span_mode": f"interchange positions: {', '.join(SPAN_MODES)}",
@@ -64,7 +68,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m applications.distill",
-        description="Causal distillation (DIITO, Wu et al. 2022) and standard KD of Hugging Face LMs.")
+        description="Causal distillation (DIITO, Wu et al. 2022), standard KD and ATKD (objectives atkd, "
+                    "atkd_reverse) of Hugging Face LMs; TED task-aware distillation (the ted command).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="distil a teacher into a student",
                            description="Distil a teacher into a smaller student (HF Trainer; torchrun for DDP).")
@@ -90,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: robust on a busy machine; 0 = torch's default)")
+    add_ted_parser(sub)
     return parser
 
 
@@ -139,6 +145,8 @@ def main(argv=None) -> int:
         if args.command == "train":
             result = run_train(args)
             print(json.dumps(result, default=str))
+        elif args.command == "ted":
+            print(json.dumps(run_ted(args), default=str))
         elif args.command == "eval":
             print(json.dumps(run_eval(args)))
         else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import DistillConfigError
 
-OBJECTIVES = ("mlm", "clm", "ce", "cos", "diito", "diito_cos")
+OBJECTIVES = ("mlm", "clm", "ce", "cos", "diito", "diito_cos", "atkd", "atkd_reverse")
 ALIGNMENTS = ("full", "middle", "late")
 SPAN_MODES = ("consecutive", "random", "masked")
 #: The paper's recipes (Wu et al., NAACL 2022): DIITO 0.25 each; the standard baseline 1/3 each.
@@ -70,6 +70,8 @@ class DistillConfig:
     objectives: Any = None  # None: the recipe's objectives
     recipe: str = "diito"
     temperature: float = 2.0
+    atkd_lambda: float = 0.2  # ATKD (objectives atkd / atkd_reverse): weight of the easy tokens' DKD
+    atkd_hard_fraction: float = 0.5  # ATKD: share of tokens, by teacher uncertainty, that are hard
     ce_scope: str = "all"  # "all" non-pad tokens (the paper), or "masked" only
     alignment: str = "full"
     span_mode: str = "consecutive"
@@ -113,6 +115,9 @@ class DistillConfig:
             raise DistillConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if len(self.mask_split) != 3 or abs(sum(self.mask_split) - 1) > 1e-6 or min(self.mask_split) < 0:
             raise DistillConfigError(f"mask_split must be 3 non-negative shares summing to 1, got {self.mask_split}")
+        from .atkd import ATKDConfig
+
+        ATKDConfig(lam=self.atkd_lambda, hard_fraction=self.atkd_hard_fraction)  # raises on bad values
         if self.temperature <= 0:
             raise DistillConfigError(f"temperature must be > 0, got {self.temperature}")
         for name in ("batch_size", "grad_accum", "max_length"):

@@ -78,7 +78,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     tokenizer = setup_tokenizer(cfg, teacher, texts, tokenizer)
     student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
     weights = resolve_objectives(cfg.weights, causal, explicit=cfg.objectives is not None)
-    objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope)
+    objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope, cfg.atkd_lambda, cfg.atkd_hard_fraction)
     needs_cos = "cos" in weights or "diito_cos" in weights
     check_compatible(student, teacher, need_hidden=needs_cos, projection=cfg.cos_projection)
     projection = None

@@ -20,6 +20,7 @@ from torch import nn
 from interventions import Alignment, AlignmentError, alignments, record_blocks, replay_blocks, set_value
 
 from . import objectives as obj
+from .atkd import ATKDConfig, atkd_objective
 from .errors import DistillConfigError
 from .pairing import InterchangePlan
 
@@ -66,6 +67,8 @@ class Objectives:
     causal: bool = False
     temperature: float = 2.0
     ce_scope: str = "all"
+    atkd_lambda: float = 0.2
+    atkd_hard_fraction: float = 0.5
 
     @property
     def counterfactual(self) -> bool:
@@ -130,6 +133,11 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
     if "ce" in w:
         scope = mask if objectives.ce_scope == "all" or objectives.causal else (labels != -100)
         losses["ce"] = obj.kd_loss(s_logits, t_logits, scope, objectives.temperature)
+    for name in ("atkd", "atkd_reverse"):  # ATKD on the labels' target tokens (next token for CLM)
+        if name in w:
+            cfg = ATKDConfig(lam=objectives.atkd_lambda, hard_fraction=objectives.atkd_hard_fraction,
+                             reverse=name == "atkd_reverse")
+            losses[name] = atkd_objective(s_logits, t_logits, labels, causal=objectives.causal, config=cfg)[0]
     if "cos" in w:
         losses["cos"] = obj.cosine_loss(project(s_rec.value(s_rec.num_layers - 1)),
                                         t_rec.value(t_rec.num_layers - 1), mask)

@@ -259,8 +259,13 @@ def save_filters(filters: TEDFilters, path: str | Path, model: nn.Module) -> Pat
 
 def load_filters(path: str | Path, who: str = "model") -> TEDFilters:
     """Filters saved by `save_filters`; a missing file says to run stage 1 first."""
-    p = Path(path) if path else None
-    if p is None or not p.is_file():
+    if not path:
+        raise DistillConfigError(
+            f"TED stage 2 needs the {who}'s stage-1 filter file: pass --{who}-filters (written by "
+            f"`python -m applications.distill ted stage1`), or run `ted all`"
+        )
+    p = Path(path)
+    if not p.is_file():
         raise DistillConfigError(
             f"the {who}'s stage-1 filter file {str(path)!r} does not exist; TED stage 2 needs the filters "
             f"trained in stage 1: run `python -m applications.distill ted stage1 --model <{who}> ... "
