@@ -75,14 +75,14 @@ def test_stage2_modes():
     loss, parts = stage2_loss(cfg, **x, student_filters=student, teacher_filters=teacher)
     want_mse = masked_mse(student.filters[0](x["student_states"][0]), teacher.filters[0](x["teacher_states"][0]),
                           x["mask"])
-    assert math.isclose(parts["mse"], float(want_mse), rel_tol=1e-5)
-    assert math.isclose(float(loss), parts["task"] + parts["kl"] + 10.0 * parts["mse"], rel_tol=1e-5)
+    assert math.isclose(parts["mse"], float(want_mse.detach()), rel_tol=1e-5)
+    assert math.isclose(float(loss.detach()), parts["task"] + parts["kl"] + 10.0 * parts["mse"], rel_tol=1e-5)
     loss.backward()
     assert teacher.filters[0].weight.grad is None  # the teacher's filters stay frozen in stage 2
     assert student.filters[0].weight.grad is not None
     lwd_loss, lwd_parts = stage2_loss(TEDConfig(mode="lwd"), **x, student_filters=student)
     want = masked_mse(student.filters[0](x["student_states"][0]), x["teacher_states"][0], x["mask"])
-    assert math.isclose(lwd_parts["mse"], float(want), rel_tol=1e-5)
+    assert math.isclose(lwd_parts["mse"], float(want.detach()), rel_tol=1e-5)
 
 
 def test_stage2_without_stage1_filters_is_refused():
