@@ -9,7 +9,7 @@ cache-sized on a CPU. The output head runs once, at the end, on the readout posi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from .errors import InterventionError, SelectorError, ShapeError, UnsupportedModelError
 from .cache import record_blocks, replay_blocks
 from .graph import SiteGraph
-from .hooks import Handler, call, hooked, run_until
+from .hooks import Handler, _first, call, hooked, run_until
 from .primitives import Inputs, _prepare, _shape, get_value
 from .sites import Site
 
@@ -59,14 +59,6 @@ def _output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
         return None
     path = next((name for name, module in model.named_modules() if module is head and name), None)
     return None if path is None else (head, f"module:{path}:input")
-
-
-def _first_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        return output["logits"] if "logits" in output else next(iter(output.values()))
-    return output[0]
 
 
 def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, positions=None,
@@ -130,7 +122,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
 
     readout_only = {head_site: [keep_readout]} if head is not None else {}
     with record_blocks(model, order) as recording:  # the clean base run, once
-        clean = _first_tensor(_run(model, graph, base, readout_only, n_pos))
+        clean = _first(_run(model, graph, base, readout_only, n_pos))
     # Apply the head once to every copy's readout state, instead of once per forward (an LM head is a
     # vocabulary-sized matrix, read from memory at each call), when the model's logits are the head's output.
     head_at_end = head is not None and torch.allclose(head(readout_states[0]), clean, rtol=1e-4, atol=1e-5)
@@ -144,7 +136,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
                 output = _run(model, graph, base, handlers, n_pos, stop_at=head_site if head_at_end else None)
             if head_at_end:
                 continue
-            logits = _first_tensor(output)
+            logits = _first(output)
             rows = len(pos_index[chunk])
             if logits.dim() < 3 or logits.shape[0] != rows or logits.shape[1] != expected_len:
                 raise UnsupportedModelError(

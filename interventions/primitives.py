@@ -116,14 +116,19 @@ def _require_shape(site: Site, value: torch.Tensor, expected: tuple) -> None:
         )
 
 
-def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor) -> None:
-    """Raise unless `value` fits `site`'s selection of `full` (batch may broadcast from 1)."""
+def _check_selectors(site: Site, full: torch.Tensor) -> None:
+    """Raise unless `site`'s positions and dims fit a value of `full`'s shape (known only at hook time)."""
     if full.dim() == 2 and site.positions is not None:
         raise SelectorError(
             f"positions given for '{site.name}', whose value has no sequence axis (shape {tuple(full.shape)})."
         )
     if site.dims is not None:
         check_dims(site, full.shape[-1])
+
+
+def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise unless `value` fits `site`'s selection of `full` (batch may broadcast from 1)."""
+    _check_selectors(site, full)
     _require_shape(site, value, _selected_shape(site, full.shape))
 
 
@@ -161,10 +166,7 @@ def get_value(model: nn.Module, inputs: Inputs, sites) -> dict[Site, torch.Tenso
     def reader(pairs):
         def handler(full):
             for asked, site in pairs:
-                if full.dim() == 2 and site.positions is not None:
-                    _check_value(site, full, full)  # raises the clear error
-                if site.dims is not None:
-                    check_dims(site, full.shape[-1])
+                _check_selectors(site, full)
                 found[asked] = select(full, site)
         return handler
 
