@@ -56,13 +56,14 @@ class Size:
     teacher_layers: int = 6
     hidden: int = 128
     heads: int = 4
-    teacher_steps: int = 1000
-    teacher_lr: float = 2e-3
+    teacher_steps: int = 3000
+    teacher_lr: float = 1e-3
+    teacher_mlm_smoothing: float = 0.0  # BERT pre-trains with uniform masking; DistilBERT's count^-0.7 is for students
     student_steps: int = 200
     batch_size: int = 32
     eval_sentences: int = 500
     sst_train: int = 2000
-    sst_steps: int = 63  # one epoch of sst_train at batch 32
+    sst_steps: int = 189  # three epochs of sst_train at batch 32 (after one, the training loss is still ln 2)
     sst_lr: float = 5e-4
     save_steps: int = 100
 
@@ -144,7 +145,8 @@ def build_teacher(work: Path, size: Size, log) -> dict:
     model = tf.BertForMaskedLM(config)
     cfg = DistillConfig(output_dir=str(out), max_steps=size.teacher_steps, learning_rate=size.teacher_lr,
                         batch_size=size.batch_size, max_length=size.max_length, save_steps=10 ** 9,
-                        logging_steps=max(1, size.teacher_steps // 20), progress=False, plot=False, seed=1234)
+                        logging_steps=max(1, size.teacher_steps // 20), progress=False, plot=False, seed=1234,
+                        mlm_smoothing=size.teacher_mlm_smoothing)
     pretrain(model, tokenizer, texts, cfg)
     seconds = time.time() - start
     ev = run_eval(build_parser().parse_args(
@@ -185,7 +187,7 @@ def _run_student(work: Path, size: Size, key: tuple, argv: list[str], out: Path,
     from applications.distill.cli import build_parser, run_eval, run_train
 
     variant, layers, seed = key
-    start = time.time()
+    start, first = time.time(), _checkpoint_step(out)
     summary = run_train(build_parser().parse_args(argv))
     seconds = time.time() - start
     eval_argv = ["eval", "--model", str(out), "--eval-file", str(work / "data" / "eval.txt"),
@@ -195,23 +197,34 @@ def _run_student(work: Path, size: Size, key: tuple, argv: list[str], out: Path,
     result = {"variant": variant, "layers": layers, "seed": seed, "perplexity": ev["perplexity"], "iia": ev["iia"],
               "iia_per_pair": ev["iia_per_pair"], "teacher_perplexity": ev["teacher_perplexity"],
               "steps": summary["global_step"], "train_seconds": round(seconds, 1),
-              "seconds_per_step": _step_seconds(out, seconds, summary["global_step"]),
+              "seconds_per_step": _step_seconds(out, seconds, summary["global_step"] - first),
               "command": "python -m applications.distill " + shlex.join(argv),
               "eval_command": "python -m applications.distill " + shlex.join(eval_argv)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     log(f"{variant} L{layers} seed {seed}: ppl {result['perplexity']:.2f}, IIA {result['iia']:.3f}, "
-        f"{result['seconds_per_step']:.2f} s/step")
+        f"{result['seconds_per_step'] or float('nan'):.2f} s/step")
     return result
 
 
-def _step_seconds(out: Path, fallback: float, steps: int) -> float:
-    """Trainer's own train_runtime / steps (excludes setup) when logged, else wall time / steps."""
+def _checkpoint_step(out: Path) -> int:
+    """The step of the checkpoint a resumed run starts from (0 for a fresh run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    return int(last.rsplit("-", 1)[1]) if last else 0
+
+
+def _step_seconds(out: Path, fallback: float, steps: int) -> float | None:
+    """Seconds per step of this invocation: the Trainer's train_runtime (excludes setup) when logged, else wall
+    time, over the steps it took. None when it took none (a killed run whose last checkpoint was its last step)."""
     from applications.distill.plot import read_log
 
+    if steps <= 0:
+        return None
     series = read_log(out / "log.csv") if (out / "log.csv").is_file() else {}
     runtime = series.get("train_runtime")
     seconds = runtime[-1][1] if runtime else fallback
-    return seconds / max(steps, 1)
+    return seconds / steps
 
 
 class Busy(Exception):
@@ -324,7 +337,7 @@ def table(rows: dict, seeds) -> str:
             f"| {layers} layers | {LABELS[v]} | {len(done)}/{len(seeds)} "
             f"| {_ms([r['perplexity'] for r in runs.values()], '.2f')} "
             f"| {_ms([r['iia'] for r in runs.values()], '.3f')} "
-            f"| {_ms([r['seconds_per_step'] for r in runs.values()], '.2f')} "
+            f"| {_ms([r['seconds_per_step'] for r in runs.values() if r['seconds_per_step']], '.2f')} "
             f"| {_ms(sst, '.3f') + (f' ({len(sst)} seeds)' if 1 < len(sst) < len(done) else '')} |")
     return "\n".join(lines)
 

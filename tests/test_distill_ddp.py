@@ -1,7 +1,6 @@
 """Two CPU processes (torchrun, gloo) reach the same weights as one process at the same effective batch."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,10 +14,8 @@ from applications.distill.data import train_tokenizer
 tf.logging.set_verbosity_error()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: Generous: the subprocesses pay the imports, and CI machines may be loaded; a hang still ends.
+TIMEOUT = 480
 
 
 def test_two_processes_match_one_with_accumulation(tmp_path):
@@ -37,12 +34,12 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
               "--no-progress", "--no-plot"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
-                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240, check=False)
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "applications.distill", *common,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "applications.distill", *common,
                           "--grad-accum", "1", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=240, check=False)
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     start = teacher.state_dict()

@@ -97,6 +97,27 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(setup, tmp_path):
         torch.testing.assert_close(resumed[k], whole[k], rtol=1e-5, atol=1e-6)
 
 
+class CrashAtEnd(TrainerCallback):
+    """Simulates a run killed after its last checkpoint, before the final model is saved."""
+
+    def on_train_end(self, args, state, control, **kw):
+        raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_the_last_checkpoint_takes_no_extra_step(setup, tmp_path):
+    kw = {"max_steps": 4, "save_steps": 2}
+    train(_cfg(setup, tmp_path / "whole", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(setup, tmp_path / "cut", **kw), callbacks=[CrashAtEnd()])
+    assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "model.safetensors").exists()
+    summary = train(_cfg(setup, tmp_path / "cut", resume="latest", **kw))
+    assert summary["global_step"] == 4
+    assert not (tmp_path / "cut" / "checkpoint-5").exists()
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
 def test_causal_teacher_without_tokenizer(tmp_path, setup):
     torch.manual_seed(0)
     teacher = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=16, n_layer=3, n_head=2, n_positions=64))

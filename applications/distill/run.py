@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -113,9 +114,12 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     resume = cfg.resume
     if resume is True or resume == "auto" or resume == "latest":
         resume = get_last_checkpoint(str(out))
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    if resume and _finished(Path(resume), trainer.args.max_steps):
+        train_loss = _restore_finished(trainer, Path(resume))
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
-               "train_loss": result.training_loss, "objectives": weights, "causal": causal,
+               "train_loss": train_loss, "objectives": weights, "causal": causal,
                "student_layers": num_layers(student), "teacher_layers": num_layers(teacher)}
     if trainer.is_world_process_zero():
         trainer.save_model(str(out))
@@ -134,6 +138,22 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
                                        span_fraction=cfg.span_fraction)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _finished(checkpoint: Path, max_steps: int) -> bool:
+    """A checkpoint at (or past) max_steps: the run was killed after its last step, before the final save."""
+    state = checkpoint / TRAINER_STATE_NAME
+    return max_steps > 0 and state.is_file() and TrainerState.load_from_json(str(state)).global_step >= max_steps
+
+
+def _restore_finished(trainer: Trainer, checkpoint: Path) -> float:
+    """Load a finished checkpoint instead of resuming it: the Trainer would take one step past max_steps.
+
+    Returns the mean of the logged training losses (the Trainer's own average is not saved)."""
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) -> dict:
