@@ -306,7 +306,7 @@ def _ms(values: list[float], fmt: str) -> str:
         return "—"
     if len(values) == 1:
         return f"{values[0]:{fmt}} (1 seed)"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.replace('+', '')}}"
 
 
 def collect(work: Path, variants, layer_list, seeds) -> dict:
@@ -326,17 +326,25 @@ def collect(work: Path, variants, layer_list, seeds) -> dict:
     return rows
 
 
+def paired(rows: dict, variant: str, layers: int, key: str) -> list[float]:
+    """variant minus standard, seed by seed (the seeds share data order, masks and initialisation)."""
+    base, runs = rows.get(("standard", layers), {}), rows.get((variant, layers), {})
+    return [runs[s][key] - base[s][key] for s in sorted(runs) if s in base and key in runs[s] and key in base[s]]
+
+
 def table(rows: dict, seeds) -> str:
-    header = ("| student | variant | seeds done | held-out MLM perplexity | teacher-student IIA (FULL) | "
-              "s / step | SST-2 dev accuracy |")
-    lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| student | variant | seeds done | held-out MLM perplexity | Δ perplexity vs standard, paired | "
+              "teacher-student IIA (FULL) | Δ IIA, paired | s / step | SST-2 dev accuracy |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (v, layers), runs in rows.items():
         done = sorted(runs)
         sst = [r["sst"] for r in runs.values() if "sst" in r]
+        dppl = "—" if v == "standard" else _ms(paired(rows, v, layers, "perplexity"), "+.2f")
+        diia = "—" if v == "standard" else _ms(paired(rows, v, layers, "iia"), "+.3f")
         lines.append(
             f"| {layers} layers | {LABELS[v]} | {len(done)}/{len(seeds)} "
-            f"| {_ms([r['perplexity'] for r in runs.values()], '.2f')} "
-            f"| {_ms([r['iia'] for r in runs.values()], '.3f')} "
+            f"| {_ms([r['perplexity'] for r in runs.values()], '.2f')} | {dppl} "
+            f"| {_ms([r['iia'] for r in runs.values()], '.3f')} | {diia} "
             f"| {_ms([r['seconds_per_step'] for r in runs.values() if r['seconds_per_step']], '.2f')} "
             f"| {_ms(sst, '.3f') + (f' ({len(sst)} seeds)' if 1 < len(sst) < len(done) else '')} |")
     return "\n".join(lines)
@@ -361,24 +369,26 @@ def plot(rows: dict, teacher_ppl: float, path: Path) -> Path | None:
     items = [(k, r) for k, r in rows.items() if r]
     if not items:
         return None
-    names = [f"{LABELS[v]}\n(L{layers}, n={len(r)})" for (v, layers), r in items]
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, title in ((axes[0], "perplexity", "held-out MLM perplexity (lower is better)"),
-                           (axes[1], "iia", "teacher-student IIA, FULL alignment (higher is better)")):
-        for x, (k, r) in enumerate(items):
-            vals = [run[key] for run in r.values()]
-            color = "#777" if k[0] == "standard" else "#2a7"
-            ax.scatter([x] * len(vals), vals, s=14, color=color, alpha=0.5, zorder=2)  # each seed
-            ax.errorbar([x], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0.0],
-                        fmt="o", ms=8, capsize=5, color=color, zorder=3)  # mean ± std
-        ax.set_xticks(range(len(items)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(items) - 0.5)
-        ax.set_title(title + "\nmean ± std (large), each seed (small)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    if teacher_ppl:
-        axes[0].axhline(teacher_ppl, color="k", ls="--", lw=1, label=f"teacher {teacher_ppl:.2f}")
-        axes[0].legend(fontsize=8)
+    depths = sorted({layers for (_, layers), _ in items}, reverse=True)
+    fig, axes = plt.subplots(len(depths), 2, figsize=(12, 4.8 * len(depths)), squeeze=False)
+    for row, depth in zip(axes, depths):
+        mine = [(k, r) for k, r in items if k[1] == depth]
+        names = [f"{LABELS[v]}\n(n={len(r)})" for (v, _), r in mine]
+        for ax, key, title in ((row[0], "perplexity", "held-out MLM perplexity (lower is better)"),
+                               (row[1], "iia", "teacher-student IIA, FULL alignment (higher is better)")):
+            for x, (k, r) in enumerate(mine):
+                vals = [run[key] for run in r.values()]
+                color = "#777" if k[0] == "standard" else "#2a7"
+                ax.scatter([x] * len(vals), vals, s=14, color=color, alpha=0.5, zorder=2)  # each seed
+                ax.errorbar([x], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0.0],
+                            fmt="o", ms=8, capsize=5, color=color, zorder=3)  # mean ± std
+            ax.set_xticks(range(len(mine)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(mine) - 0.5)
+            ax.set_title(f"{depth}-layer students: {title}\nmean ± std (large), each seed (small)", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        if teacher_ppl:
+            row[0].axhline(teacher_ppl, color="k", ls="--", lw=1, label=f"teacher {teacher_ppl:.2f}")
+            row[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -500,7 +510,7 @@ def main(argv=None, log=print) -> dict:
     ap.add_argument("--work", default="outputs/study_diito", help="cache of every finished piece (resumable)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--student-layers", type=int, nargs="+", default=[3])
+    ap.add_argument("--student-layers", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--no-sst", action="store_true", help="skip the SST-2 fine-tunes")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--smoke", action="store_true", help="toy size on a synthetic corpus (seconds)")

@@ -29,11 +29,11 @@ def two_runs(tmp_path_factory):
 
 def test_first_invocation_runs_every_piece(two_runs):
     tmp, _, first, _, _ = two_runs
-    assert sorted(first["ran"]) == sorted(["standard-L3-s0", "full-L3-s0", "sst:teacher", "sst:standard-L3-s0",
-                                           "sst:full-L3-s0"])
+    runs = [f"{v}-L{L}-s0" for v in ("standard", "full") for L in (3, 2)]  # both depths by default
+    assert sorted(first["ran"]) == sorted(runs + ["sst:teacher"] + [f"sst:{r}" for r in runs])
     assert first["reused"] == [] and first["busy"] == []
-    for name in ("standard", "full"):
-        r = first["rows"][f"{name}-L3"][0]
+    for name in ("standard-L3", "full-L3", "standard-L2", "full-L2"):
+        r = first["rows"][name][0]
         assert r["steps"] == sd.SMOKE.student_steps
         assert 1.0 < r["perplexity"] < math.inf
         assert 0.0 <= r["iia"] <= 1.0
@@ -60,7 +60,8 @@ def test_report_section_added_and_others_kept(two_runs):
     text = report.read_text()
     assert text.startswith("# Results\n\n## Someone else's study\n\nTheir text.\n")
     assert text.count(sd.HEADING) == 1
-    assert "| 3 layers | DIITO FULL | 1/1 |" in text
+    assert "| 3 layers | DIITO FULL | 1/1 |" in text and "| 2 layers | DIITO FULL | 1/1 |" in text
+    assert "Δ perplexity vs standard, paired" in text
     assert "**Partial study.**" not in text  # every requested run finished
     assert (report.parent / "study_diito.png").stat().st_size > 0
 
@@ -91,3 +92,16 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     with sd.Lock(lock):
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
+
+
+def test_paired_differences_match_seeds_and_skip_unpaired():
+    rows = {("standard", 3): {0: {"perplexity": 10.0}, 1: {"perplexity": 12.0}},
+            ("full", 3): {0: {"perplexity": 9.0}, 1: {"perplexity": 12.5}, 2: {"perplexity": 1.0}}}
+    assert sd.paired(rows, "full", 3, "perplexity") == [-1.0, 0.5]  # seed 2 has no standard run to pair with
+    assert sd.paired(rows, "full", 2, "perplexity") == []
+
+
+def test_step_seconds_counts_only_the_steps_this_invocation_took(tmp_path):
+    (tmp_path / "log.csv").write_text("step,key,value\n200,train_runtime,50.0\n")
+    assert sd._step_seconds(tmp_path, 99.0, 100) == 0.5  # resumed at 100: the runtime covers 100 steps
+    assert sd._step_seconds(tmp_path, 99.0, 0) is None  # restored a finished checkpoint: no step taken
