@@ -42,6 +42,15 @@ VARIANTS = {
     "full_random": ["--recipe", "diito", "--alignment", "full", "--span-mode", "random"],
     "full_masked": ["--recipe", "diito", "--alignment", "full", "--span-mode", "masked"],
 }
+#: Variant -> the fewest student layers its alignment is defined for (LATE pairs the third- and second-to-last).
+MIN_LAYERS = {"late": 3}
+
+
+def defined(variant: str, layers: int) -> bool:
+    """Whether `variant` exists for a `layers`-layer student."""
+    return layers >= MIN_LAYERS.get(variant, 1)
+
+
 LABELS = {"standard": "standard (ce, mlm, cos 1/3)", "full": "DIITO FULL", "middle": "DIITO MIDDLE",
           "late": "DIITO LATE", "full_cos": "FULL + diito_cos", "full_random": "FULL, random positions",
           "full_masked": "FULL, masked positions"}
@@ -313,7 +322,7 @@ def collect(work: Path, variants, layer_list, seeds) -> dict:
     """Every cached result under work (whatever has finished), grouped by (variant, layers)."""
     rows = {}
     for layers in layer_list:
-        for v in variants:
+        for v in (v for v in variants if defined(v, layers)):
             runs = {}
             for s in seeds:
                 d = work / "runs" / f"{v}-L{layers}-s{s}"
@@ -497,6 +506,11 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
               f"{size.student_steps} steps, batch {size.batch_size}; SST-2: {size.sst_steps} steps "
               f"(batch {size.batch_size}, lr {size.sst_lr}) from each student's weights, one fixed fine-tuning seed."),
               "", table(rows, seeds), ""]
+    undefined = [f"{LABELS[v]} for {L}-layer students" for L in sorted({L for _, L in rows}, reverse=True)
+                 for v in MIN_LAYERS if not defined(v, L)]
+    if undefined:
+        lines += [f"Not defined, so not run: {', '.join(undefined)} (LATE pairs the third- and second-to-last "
+                  "blocks).", ""]
     if png is not None:
         lines += [f"![perplexity and IIA by variant]({png.name})", ""]
     lines += ["<details><summary>per seed</summary>", "", per_seed(rows), "", "</details>"]
@@ -547,7 +561,8 @@ def main(argv=None, log=print) -> dict:
         # Priority: standard and FULL for every seed first, then the other variants, then SST-2.
         first = [v for v in ("standard", "full") if v in a.variants]
         order = [(v, L, s) for L in a.student_layers for s in a.seeds for v in first]
-        order += [(v, L, s) for L in a.student_layers for v in a.variants if v not in first for s in a.seeds]
+        order += [(v, L, s) for L in a.student_layers for v in a.variants if v not in first and defined(v, L)
+                  for s in a.seeds]
         jobs = [(f"{v}-L{L}-s{s}", lambda v=v, L=L, s=s: run_student(work, size, v, L, s, log)) for v, L, s in order]
         if not a.no_sst:
             jobs.append(("sst:teacher", lambda: run_sst(work, size, work / "teacher", log)))
