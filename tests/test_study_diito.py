@@ -105,3 +105,10 @@ def test_step_seconds_counts_only_the_steps_this_invocation_took(tmp_path):
     (tmp_path / "log.csv").write_text("step,key,value\n200,train_runtime,50.0\n")
     assert sd._step_seconds(tmp_path, 99.0, 100) == 0.5  # resumed at 100: the runtime covers 100 steps
     assert sd._step_seconds(tmp_path, 99.0, 0) is None  # restored a finished checkpoint: no step taken
+
+
+def test_time_matched_control_is_the_only_run_with_other_steps(tmp_path):
+    steps = {v: sd.train_argv(tmp_path, sd.SMOKE, v, 3, 0) for v in sd.VARIANTS}
+    steps = {v: int(a[a.index("--max-steps") + 1]) for v, a in steps.items()}
+    assert steps.pop("standard_long") == round(1.5 * sd.SMOKE.student_steps)
+    assert set(steps.values()) == {sd.SMOKE.student_steps}
