@@ -54,7 +54,7 @@ def test_quick_run_reproduces_the_direction_of_the_result():
     assert result["iia_iit"] > result["iia_localist"] + 0.05
     assert result["iia_iit"] >= 0.9
     # DAS is as good on the training entities as on held-out ones: its gap is the layer, not generalisation.
-    assert result["hidden"] == 16
+    assert result["hidden"] == 16 and result["recipe"] == "sgd"  # the default recipe
     assert abs(result["iia_das"] - result["iia_das_training_entities"]) < 0.05
 
 
@@ -66,3 +66,17 @@ def test_hidden_width_must_be_even():
         assert exc.value.code == 2
     net = he.make_mlp(0, hidden=32)
     assert net.hidden1[0].weight.shape == (32, 16) and net.out.weight.shape == (2, 32)
+
+
+def test_dropout_sits_after_the_site_and_only_in_training():
+    he = load_example()
+    net = he.make_mlp(0, dropout=0.2)
+    assert list(dict(net.named_children())) == ["hidden1", "dropout1", "hidden2", "hidden3", "out"]
+    plain = he.make_mlp(0)  # same seed, same weights: dropout adds no parameters
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    net.eval()
+    assert torch.equal(net(x), plain(x))
+    net.train()
+    assert not torch.equal(net(x), plain(x))
+    with pytest.raises(SystemExit):
+        he.main(["--recipe", "rmsprop"])
