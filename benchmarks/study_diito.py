@@ -64,7 +64,7 @@ LABELS = {"standard": "standard (ce, mlm, cos 1/3)", "full": "DIITO FULL", "midd
 
 @dataclass(frozen=True)
 class Size:
-    """Every budget knob of the study (identical for all variants)."""
+    """Every budget knob of the study (identical for all variants, but for STEP_FACTOR's control)."""
 
     vocab: int = 4000
     max_length: int = 64
@@ -519,8 +519,8 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
     undefined = [f"{LABELS[v]} for {L}-layer students" for L in sorted({L for _, L in rows}, reverse=True)
                  for v in MIN_LAYERS if not defined(v, L)]
     if undefined:
-        lines += [f"Not defined, so not run: {', '.join(undefined)} (LATE pairs the third- and second-to-last "
-                  "blocks).", ""]
+        lines += [(f"Not defined, so not run: {', '.join(undefined)} (LATE pairs the third- and "
+                   "second-to-last blocks)."), ""]
     if png is not None:
         lines += [f"![perplexity and IIA by variant]({png.name})", ""]
     lines += ["<details><summary>per seed</summary>", "", per_seed(rows), "", "</details>"]

@@ -106,9 +106,13 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "idx": torch.tensor([f["idx"] for f in features])}
 
 
+#: BERT's special tokens, in the id order both BERT-style tokenizers here give them (0..4).
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int, causal: bool):
     """A fast tokenizer trained on `texts`: WordPiece with BERT specials (masked LMs) or byte-level BPE."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if causal:
@@ -124,37 +128,34 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, causal: bool):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS))
     # The trainer's numbering varies from run to run: renumber in sorted order (ties at the vocabulary
     # cutoff can still change the learned set itself).
-    learned = sorted(set(tok.get_vocab()) - set(specials))
-    tok.model = models.WordPiece({t: i for i, t in enumerate(specials + learned)}, unk_token="[UNK]")
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    learned = sorted(set(tok.get_vocab()) - set(BERT_SPECIALS))
+    tok.model = models.WordPiece({t: i for i, t in enumerate(BERT_SPECIALS + learned)}, unk_token="[UNK]")
     tok.decoder = decoders.WordPiece()
     return _bert_style(tok)
 
 
 def _bert_style(tok):
-    """A PreTrainedTokenizerFast with BERT's special tokens around a `tokenizers.Tokenizer`."""
+    """A PreTrainedTokenizerFast with BERT's special tokens and [CLS] ... [SEP] framing around `tok`."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
 
 
 def word_tokenizer(texts: Sequence[str]):
     """A deterministic word-level tokenizer (BERT specials, lowercased words and punctuation, sorted ids)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     pre = pre_tokenizers.BertPreTokenizer()
     norm = normalizers.BertNormalizer(lowercase=True)
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(BERT_SPECIALS + words)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = norm, pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return _bert_style(tok)

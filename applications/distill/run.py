@@ -114,8 +114,9 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     resume = cfg.resume
     if resume is True or resume == "auto" or resume == "latest":
         resume = get_last_checkpoint(str(out))
-    if resume and _finished(Path(resume), trainer.args.max_steps):
-        train_loss = _restore_finished(trainer, Path(resume))
+    finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
+    if finished is not None:  # killed after its last step: restore it (the Trainer would take one step more)
+        train_loss = _restore(trainer, Path(resume), finished)
     else:
         train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
@@ -140,19 +141,23 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     return summary
 
 
-def _finished(checkpoint: Path, max_steps: int) -> bool:
-    """A checkpoint at (or past) max_steps: the run was killed after its last step, before the final save."""
-    state = checkpoint / TRAINER_STATE_NAME
-    return max_steps > 0 and state.is_file() and TrainerState.load_from_json(str(state)).global_step >= max_steps
+def _finished_state(checkpoint: Path, max_steps: int) -> TrainerState | None:
+    """The checkpoint's state when it is at (or past) max_steps: the run was killed after its last step,
+    before the final save. None otherwise."""
+    path = checkpoint / TRAINER_STATE_NAME
+    if max_steps <= 0 or not path.is_file():
+        return None
+    state = TrainerState.load_from_json(str(path))
+    return state if state.global_step >= max_steps else None
 
 
-def _restore_finished(trainer: Trainer, checkpoint: Path) -> float:
-    """Load a finished checkpoint instead of resuming it: the Trainer would take one step past max_steps.
+def _restore(trainer: Trainer, checkpoint: Path, state: TrainerState) -> float:
+    """Load a finished checkpoint's weights and state instead of resuming it.
 
     Returns the mean of the logged training losses (the Trainer's own average is not saved)."""
     trainer._load_from_checkpoint(str(checkpoint))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainer.state = state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
     return sum(losses) / len(losses) if losses else float("nan")
 
 
