@@ -53,8 +53,8 @@ QUICK = {"pool": 500, "task_examples": 131_072, "task_epochs": 1, "task_batch": 
 #: (docs/results_hierarchical_equality.md); "adam": the DAS paper's and pyvene tutorial's optimiser.
 RECIPES = {"sgd": {"optimizer": "sgd", "lr": 0.05, "dropout": 0.2},
            "adam": {"optimizer": "adam", "lr": 1e-3, "dropout": 0.0}}
-#: --quick's task training per recipe (SGD needs more steps than one pass over 131k examples to start).
-QUICK_TASK = {"sgd": {"task_examples": 262_144, "task_epochs": 3, "lr": 0.05}, "adam": {"lr": 3e-3}}
+#: --quick's overrides of QUICK and RECIPES per recipe (SGD needs more than one pass over 131k examples).
+QUICK_TASK = {"sgd": {"task_examples": 262_144, "task_epochs": 3}, "adam": {"lr": 3e-3}}
 
 
 # -- the causal model -------------------------------------------------------------------------
