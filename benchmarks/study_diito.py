@@ -161,7 +161,7 @@ def build_teacher(work: Path, size: Size, log) -> dict:
     cfg = DistillConfig(output_dir=str(out), max_steps=size.teacher_steps, learning_rate=size.teacher_lr,
                         batch_size=size.batch_size, max_length=size.max_length, save_steps=10 ** 9,
                         logging_steps=max(1, size.teacher_steps // 20), progress=False, plot=False, seed=1234,
-                        mlm_smoothing=size.teacher_mlm_smoothing)
+                        mlm_smoothing=size.teacher_mlm_smoothing, overwrite_output_dir=True)  # a killed pretraining restarts
     pretrain(model, tokenizer, texts, cfg)
     seconds = time.time() - start
     ev = run_eval(build_parser().parse_args(

@@ -38,7 +38,9 @@ HELP = {
     "warmup_ratio": "share of steps of linear warmup (then linear decay)", "max_grad_norm": "gradient clipping norm",
     "max_steps": "optimizer steps (overrides --num-epochs when > 0)", "num_epochs": "epochs when --max-steps <= 0",
     "save_steps": "checkpoint every N steps", "logging_steps": "log every N steps", "seed": "random seed",
-    "resume": "resume from a checkpoint directory, or 'latest' in --output-dir",
+    "resume": "resume from a checkpoint directory, or 'latest' in --output-dir (the same run only)",
+    "overwrite_output_dir": "replace the previous run's checkpoints, logs and summaries in a non-empty --output-dir "
+                            "(never the teacher's or student's directory)",
     "vocab_size": "vocabulary of a tokenizer trained when the teacher has none", "text_column": "jsonl/dataset text field",
     "progress": "show a progress bar", "plot": "write loss_curve.png at the end",
 }

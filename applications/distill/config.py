@@ -95,6 +95,7 @@ class DistillConfig:
     logging_steps: int = 10
     seed: int = 56
     resume: Any = None  # a checkpoint directory, or True for the latest in output_dir
+    overwrite_output_dir: bool = False  # replace the previous run's files in a non-empty output_dir
     vocab_size: int | None = None  # for a tokenizer trained when the teacher has none
     text_column: str = "text"
     progress: bool = True

@@ -68,7 +68,8 @@ def run_demo(output_dir: str = "outputs/demo", size: DemoSize = DemoSize(), seed
     tokenizer = word_tokenizer(texts)  # the grammar's words: deterministic ids
     teacher = tiny_bert(len(tokenizer), size.teacher_layers, size.hidden, tokenizer)
     common = {"batch_size": size.batch_size, "max_length": 48, "logging_steps": max(1, size.student_steps // 25),
-              "save_steps": 10 ** 9, "progress": progress, "seed": seed, "plot": False}
+              "save_steps": 10 ** 9, "progress": progress, "seed": seed, "plot": False,
+              "overwrite_output_dir": True}  # the demo owns its directories: a rerun replaces the last one
     log(f"[demo] corpus: {len(texts)} training sentences; teacher: {size.teacher_layers} layers, width {size.hidden}")
     pretrain(teacher, tokenizer, texts, DistillConfig(output_dir=str(out / "teacher"), max_steps=size.teacher_steps,
                                                       learning_rate=2e-3, **common))

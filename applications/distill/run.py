@@ -21,6 +21,7 @@ from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
 from .errors import DistillConfigError
 from .masking import token_weights
 from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
+from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
 from .step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
@@ -71,6 +72,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         raise DistillConfigError("a teacher is needed: --teacher PATH (a save_pretrained directory or hub id)")
     if cfg.train_file is None:
         raise DistillConfigError("training data is needed: --train-file FILE (.txt, .jsonl or a saved dataset)")
+    resume = _claim(cfg)  # the output directory is checked before anything is loaded or written
     texts = read_texts(cfg.train_file, cfg.text_column)  # bad data fails before any model is loaded
     eval_texts = read_texts(cfg.eval_file, cfg.text_column) if cfg.eval_file else None
     torch.manual_seed(cfg.seed)
@@ -104,16 +106,14 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     if not causal and tokenizer.mask_token_id is None:
         raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     trainer = DistillTrainer(
         model=student, args=training_arguments(cfg), train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id), teacher=teacher, objectives=objectives, recipe=recipe,
         projection=projection, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
-    resume = cfg.resume
-    if resume is True or resume == "auto" or resume == "latest":
-        resume = get_last_checkpoint(str(out))
+    if trainer.is_world_process_zero():
+        begin_run(out, sources=_sources(cfg), overwrite=cfg.overwrite_output_dir, options=cfg.to_dict())
     finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
     if finished is not None:  # killed after its last step: restore it (the Trainer would take one step more)
         train_loss = _restore(trainer, Path(resume), finished)
@@ -139,6 +139,43 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
                                        span_fraction=cfg.span_fraction)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+_LATEST = (True, "auto", "latest")
+
+
+def _sources(cfg: DistillConfig) -> dict[str, str | None]:
+    return {"teacher": cfg.teacher, "student": cfg.student}
+
+
+def _claim(cfg: DistillConfig) -> str | None:
+    """Check the output directory for this run; returns the checkpoint to resume from, or None.
+
+    ``--resume latest`` continues the newest checkpoint in the output directory (a fresh run when there
+    is none); ``--resume DIR`` continues that checkpoint. Either way the output directory may hold
+    only the same run (same options); anything else needs --overwrite-output-dir or a new directory.
+    """
+    out = Path(cfg.output_dir)
+    resume = cfg.resume
+    if resume is not None and cfg.overwrite_output_dir:
+        raise DistillConfigError("--resume continues the run in --output-dir and --overwrite-output-dir replaces "
+                                 "it: give one of them")
+    if resume in _LATEST:
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    elif resume is not None:
+        if not (Path(resume) / TRAINER_STATE_NAME).is_file():
+            raise DistillConfigError(
+                f"--resume {resume!r} is not a checkpoint directory (no {TRAINER_STATE_NAME} there); give a "
+                f"checkpoint-N directory, or 'latest' for the newest one in --output-dir"
+            )
+        resume = str(resume)
+    if cfg.resume in _LATEST:  # the newest checkpoint here, or a run killed before its first one
+        same_run = resume is not None or (out / RUN_FILE).is_file()
+    else:
+        same_run = resume is not None and out.resolve() in Path(resume).resolve().parents
+    claim_output_dir(out, sources=_sources(cfg), overwrite=cfg.overwrite_output_dir,
+                     resuming=same_run and not cfg.overwrite_output_dir, options=cfg.to_dict())
+    return resume
 
 
 def _finished_state(checkpoint: Path, max_steps: int) -> TrainerState | None:
@@ -173,7 +210,8 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) 
                                                          cfg.mlm_smoothing),
         mask_token_id=tokenizer.mask_token_id, vocab_size=vocab, mlm_probability=cfg.mlm_probability,
         mask_split=cfg.mask_split)
-    out = Path(cfg.output_dir)
+    out = claim_output_dir(cfg.output_dir, sources={}, overwrite=cfg.overwrite_output_dir)
+    begin_run(out, sources={}, overwrite=cfg.overwrite_output_dir)
     trainer = DistillTrainer(
         model=model, args=training_arguments(cfg), train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id), teacher=None,

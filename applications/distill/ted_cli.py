@@ -16,6 +16,7 @@ from pathlib import Path
 from interventions import InterventionError
 
 from .errors import DistillConfigError
+from .output_dir import begin_run, claim_output_dir
 from .ted import TEDConfig
 
 DEFAULTS = TEDConfig()
@@ -27,6 +28,9 @@ def _loop_flags(p: argparse.ArgumentParser, prefix: str = "", steps: int = 200, 
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace a previous run's files in a non-empty output directory (or an existing filter "
+                        "file); never the teacher's or student's directory")
     p.add_argument("--train-file", required=True,
                    help="classification: a tsv 'sentence<TAB>label' (header optional); LM: text, one example per line")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
@@ -132,9 +136,18 @@ def _options(args, prefix: str = ""):
                        seed=args.seed)
 
 
+def _check_filter_file(output, args) -> None:
+    path = Path(output)
+    if path.is_dir():
+        raise DistillConfigError(f"--output {output!r} is a directory; give the filter file to write (.pt)")
+    if path.exists() and not args.overwrite_output_dir:
+        raise DistillConfigError(f"--output {output!r} exists; choose a new file or pass --overwrite-output-dir")
+
+
 def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> dict:
     from . import ted_train as tt
 
+    _check_filter_file(output, args)
     model = tt.load_model(model_dir)
     task = tt.task_of(model)
     tok = _tokenizer(model_dir, width_from)
@@ -154,6 +167,8 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
                        teacher_interval=args.teacher_interval, student_interval=args.student_interval,
                        alpha_task=args.alpha_task, alpha_kl=args.alpha_kl, alpha_mse=args.alpha_mse,
                        temperature=args.temperature)
+    sources = {"teacher": args.teacher, "student": args.student}
+    out = claim_output_dir(output_dir, sources=sources, overwrite=args.overwrite_output_dir)
     t_filters = s_filters = None
     if config.mode == "ted":  # missing files fail before any model is loaded
         t_filters = tt.load_filters(teacher_filters, "teacher")
@@ -163,6 +178,7 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
     tok = _tokenizer(args.teacher, args.student)
     opts = _options(args)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    begin_run(out, sources=sources, overwrite=args.overwrite_output_dir)
     _, log = tt.stage2(config, teacher, student, data, opts, t_filters, s_filters)
     out = tt.export(student, output_dir, tok)
     summary = {"student": str(out), "mode": config.mode, "task": task, "steps": len(log),
@@ -177,11 +193,13 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
 def _finetune(args) -> dict:
     from . import ted_train as tt
 
+    out = claim_output_dir(args.output_dir, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
     model = tt.load_model(args.model)
     task = tt.task_of(model)
     tok = _tokenizer(args.model)
     opts = _options(args)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
+    begin_run(out, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
     losses = tt.finetune(model, data, opts)
     out = tt.export(model, args.output_dir, tok)
     summary = {"model": str(out), "task": task, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
@@ -199,7 +217,10 @@ def run_ted(args) -> dict:
         return _stage1(args.model, args, args.output, args.interval, args.teacher)
     if args.stage == "stage2":
         return _stage2(args, args.teacher_filters, args.student_filters, args.output_dir)
-    out = Path(args.output_dir)
+    sources = {"teacher": args.teacher, "student": args.student}
+    out = claim_output_dir(args.output_dir, sources=sources, overwrite=args.overwrite_output_dir)
+    begin_run(out, sources=sources, overwrite=args.overwrite_output_dir)
+    args.overwrite_output_dir = False  # the directory is now this run's: its stages start from nothing
     summary = {}
     if args.mode == "ted":
         summary["teacher_stage1"] = _stage1(args.teacher, args, out / "teacher_filters.pt", args.teacher_interval,

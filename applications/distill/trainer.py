@@ -95,6 +95,17 @@ class CSVLogCallback(TrainerCallback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On a resume, drop the rows logged after the checkpoint: those steps are about to run again."""
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= state.global_step]
+        if len(kept) != len(rows):
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
