@@ -17,11 +17,13 @@ from typing import Literal
 import networkx as nx
 from torch import nn
 
+from . import attention
 from .errors import SelectorError, UnknownSiteError, UnsupportedModelError
 from .families import Family, family_for
-from .sites import Site
+from .sites import Layout, Site
 
-Kind = Literal["output", "input", "heads"]
+Kind = Literal["output", "input", "heads", "queries", "keys", "values", "pattern"]
+HEAD_KINDS = ("heads", "queries", "keys", "values", "pattern")  # kinds whose value has a heads axis
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,12 @@ class SitePoint:
     width: int | None = None  # size of the last axis where it is known in advance
     is_model_output: bool = False  # the root module's output (the `logits` site)
     tokens_of: nn.Module | None = None  # the value is [batch*seq, ...]: view it by this module's input shape
+    route: object | None = None  # attention kinds: how the attention module is intercepted (attention.py)
+
+    @property
+    def layout(self) -> Layout:
+        """Which axes the selectors index: the pattern is [batch, heads, q, k], all else [batch, seq, ...]."""
+        return Layout.PATTERN if self.kind == "pattern" else Layout.TOKENS
 
 
 def _get_module(root: nn.Module, path: str) -> nn.Module:
@@ -67,6 +75,7 @@ class SiteGraph:
         self.layers_path = layers_path
         self.num_layers = len(layers) if layers is not None else 0
         self._points: dict[str, SitePoint] = {}
+        self._unsupported: dict[str, str] = {}  # site name -> why this model cannot have it
         self.graph = nx.DiGraph()
         self._module_paths = {name for name, _ in model.named_modules() if name}
         config = getattr(model, "config", None)
@@ -135,6 +144,7 @@ class SiteGraph:
             p = f"layers.{i}"
             self._add(f"{p}.input", SitePoint(block, "input", width=self.hidden_size))
             if fam is not None:
+                self._add_attention_sites(p, block, config)
                 self._add(f"{p}.attention_heads", SitePoint(
                     block.get_submodule(fam.out_proj), "heads", num_heads=self.num_heads, width=head_dim))
                 self._add(f"{p}.attention_output", SitePoint(
@@ -155,6 +165,24 @@ class SiteGraph:
             g.add_edge(f"{p}.input", f"{p}.output")
             if i > 0:
                 g.add_edge(f"layers.{i - 1}.output", f"{p}.input")
+
+    def _add_attention_sites(self, p: str, block: nn.Module, config) -> None:
+        """queries, keys, values, attention_pattern of block `p` (see attention.py); or why not."""
+        try:
+            found = attention.sites_of(block, config)
+        except UnsupportedModelError as e:
+            self._unsupported.update({f"{p}.{suffix}": str(e) for suffix in attention.SITE_KINDS})
+            return
+        for suffix, a in found.items():
+            self._add(f"{p}.{suffix}", SitePoint(a.module, a.kind, num_heads=a.num_heads, width=a.head_dim,
+                                                 route=a.route))
+        g = self.graph
+        for suffix in ("queries", "keys", "values"):
+            g.add_edge(f"{p}.input", f"{p}.{suffix}")
+        g.add_edge(f"{p}.queries", f"{p}.attention_pattern")
+        g.add_edge(f"{p}.keys", f"{p}.attention_pattern")
+        g.add_edge(f"{p}.attention_pattern", f"{p}.attention_heads")
+        g.add_edge(f"{p}.values", f"{p}.attention_heads")
 
     # -- queries ------------------------------------------------------------------------------
     def __contains__(self, name) -> bool:
@@ -194,6 +222,8 @@ class SiteGraph:
         point = self._points.get(name)
         if point is not None:
             return point
+        if name in self._unsupported:
+            raise UnsupportedModelError(f"'{name}': {self._unsupported[name]}")
         parsed = self._module_path(name)
         if parsed is not None:
             path, kind = parsed
@@ -226,16 +256,17 @@ class SiteGraph:
         """Validate a site's name and its heads/dims selectors against the model (no inputs needed)."""
         point = self.point(site.name)
         if site.heads is not None:
-            if point.kind != "heads":
+            if point.kind not in HEAD_KINDS:
                 raise SelectorError(
                     f"heads={list(site.heads)} given for '{site.name}', which has no heads; heads select "
-                    "only on 'layers.{i}.attention_heads' sites."
+                    "only on 'layers.{i}.attention_heads', queries, keys, values and attention_pattern sites."
                 )
             bad = [h for h in site.heads if not 0 <= h < point.num_heads]
             if bad:
+                what = "key/value heads" if point.kind in ("keys", "values") else "heads"
                 raise SelectorError(
-                    f"heads {bad} out of range for '{site.name}': the model has {point.num_heads} heads "
-                    f"(valid 0..{point.num_heads - 1})."
+                    f"heads {bad} out of range for '{site.name}': the model has {point.num_heads} {what} "
+                    f"there (valid 0..{point.num_heads - 1})."
                 )
         if site.dims is not None and point.width is not None:
             check_dims(site, point.width)

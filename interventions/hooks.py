@@ -1,5 +1,8 @@
 """The only code that touches torch hooks. `hooked` installs handlers on sites and always removes them.
 
+Attention-internal sites (queries, keys, values, attention_pattern) go through
+`attention.intercepted`, which wraps the attention functions for the block's duration.
+
 A handler receives a site's whole value (head sites viewed as [batch, seq, heads, head_dim]) and
 returns a replacement or None. With ``stop_after``, the forward is cut short by `StopForward` as
 soon as every listed site has been seen, so no later layer and no output head runs.
@@ -8,12 +11,13 @@ soon as every listed site has been seen, so no later layer and no output head ru
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterable
 
 import torch
 from einops import rearrange
 
+from . import attention
 from .graph import SiteGraph, SitePoint
 
 Handler = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -124,10 +128,17 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
 
     names = list(handlers) + [n for n in pending if n not in handlers]
     points = {name: graph.point(name) for name in names}  # resolve all first: errors before any hook
+    inside = [(attention.AttentionSite(p.module, p.kind, p.num_heads, p.width, p.route),
+               for_site(name, list(handlers.get(name, ()))))
+              for name, p in points.items() if p.kind in attention.ATTENTION_KINDS]
     try:
-        for name in names:
-            handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
-        yield
+        with ExitStack() as stack:
+            for name in names:
+                if points[name].kind not in attention.ATTENTION_KINDS:
+                    handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
+            if inside:  # queries / keys / values / attention_pattern: attention.py's interception
+                stack.enter_context(attention.intercepted(inside))
+            yield
     finally:
         for h in handles:
             h.remove()
