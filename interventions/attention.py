@@ -119,8 +119,12 @@ def _find(block: nn.Module, model_type: str | None) -> tuple[nn.Module, Route]:
 
 def _head_counts(module: nn.Module, config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head_dim) of an attention module."""
-    heads = getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None)
-    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+    heads = (getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+             or getattr(config, "num_attention_heads", None))
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "head_size", None) or getattr(config, "head_dim", None)
+    hidden = getattr(config, "hidden_size", None)
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
     if heads is None or head_dim is None:
         raise UnsupportedModelError(
             f"{type(module).__name__} does not say its number of heads or head_dim (no num_heads/head_dim "

@@ -143,8 +143,8 @@ class SiteGraph:
         for i, block in enumerate(layers):
             p = f"layers.{i}"
             self._add(f"{p}.input", SitePoint(block, "input", width=self.hidden_size))
+            self._add_attention_sites(p, block, config)
             if fam is not None:
-                self._add_attention_sites(p, block, config)
                 self._add(f"{p}.attention_heads", SitePoint(
                     block.get_submodule(fam.out_proj), "heads", num_heads=self.num_heads, width=head_dim))
                 self._add(f"{p}.attention_output", SitePoint(
@@ -181,8 +181,9 @@ class SiteGraph:
             g.add_edge(f"{p}.input", f"{p}.{suffix}")
         g.add_edge(f"{p}.queries", f"{p}.attention_pattern")
         g.add_edge(f"{p}.keys", f"{p}.attention_pattern")
-        g.add_edge(f"{p}.attention_pattern", f"{p}.attention_heads")
-        g.add_edge(f"{p}.values", f"{p}.attention_heads")
+        after = f"{p}.attention_heads" if self.family is not None else f"{p}.output"
+        g.add_edge(f"{p}.attention_pattern", after)
+        g.add_edge(f"{p}.values", after)
 
     # -- queries ------------------------------------------------------------------------------
     def __contains__(self, name) -> bool:

@@ -53,8 +53,10 @@ class Site:
     """A named intervention site, e.g. ``Site("layers.3.output", positions=[0, 4])``.
 
     positions: ints (the same for every example) or a LongTensor [batch, k] (per example);
-    heads: head indices (only on ``layers.{i}.attention_heads``); dims: a slice or indices
-    of the last (hidden) axis. ``None`` selects everything along that axis.
+    heads: head indices (on ``attention_heads``, ``queries``, ``attention_pattern``; key/value heads
+    on ``keys`` and ``values``); dims: a slice or indices of the last (hidden) axis.
+    ``None`` selects everything along that axis. On ``attention_pattern`` [batch, heads, q, k],
+    positions select query rows and dims key columns.
     """
 
     name: str
