@@ -76,15 +76,58 @@ def _unflattened(point: SitePoint, fn: Handler) -> tuple[Handler, list]:
     return view_fn, [point.tokens_of.register_forward_pre_hook(record, with_kwargs=True)]
 
 
+def _scaled(fn: Handler, scale: float) -> Handler:
+    """Show `fn` the value times `scale` (Granite's residual multiplier); write back its result / scale."""
+    def scaled_fn(value):
+        shown = value * scale
+        new = fn(shown)
+        return None if new is None or new is shown else new / scale
+    return scaled_fn
+
+
+def _carried(fn: Handler, point: SitePoint) -> tuple[Handler, list]:
+    """A write at an input that the block also keeps as its residual: shift the block's output by the delta.
+
+    The residual between the sublayers is both the pre-MLP norm's input and what the block adds the MLP
+    output to; the pre-hook rewrites the first, the (first-run) output hook moves the second by the same amount.
+    """
+    delta: list = []
+
+    def carry_fn(value):
+        new = fn(value)
+        if new is not None and new is not value:
+            delta[:] = [new - value]
+        return new
+
+    def shift(module, args, output):
+        if not delta:
+            return None
+        d = delta.pop()
+        out = _first(output)
+        return _replace_first(output, out + d.reshape(out.shape))
+
+    return carry_fn, [point.carry_to.register_forward_hook(shift, prepend=True)]
+
+
 def _make_hook(point: SitePoint, fn: Handler) -> list:
     """Install `fn` at `point`; returns the hook handles."""
+    extra = []
+    if point.scale is not None:
+        fn = _scaled(fn, point.scale)
+    if point.carry_to is not None:
+        fn, more = _carried(fn, point)
+        extra += more
+    if point.tokens_of is not None:
+        fn, more = _unflattened(point, fn)
+        extra += more
     if point.kind == "output":
-        extra = []
-        if point.tokens_of is not None:
-            fn, extra = _unflattened(point, fn)
+        copy = point.copy
 
         def hook(module, args, output):
-            new = fn(_first(output))
+            value = _first(output)
+            new = fn(value)
+            if copy:  # the model adds into this tensor in place next: keep what the handlers saw intact
+                new = (value if new is None else new).clone()
             return None if new is None else _replace_first(output, new)
         return extra + [point.module.register_forward_hook(hook)]
 
@@ -104,7 +147,7 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, key: new}
 
-    return [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    return extra + [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
 
 @contextmanager
