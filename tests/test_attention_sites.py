@@ -375,3 +375,37 @@ def test_only_the_asked_layers_leave_the_fast_path(llama):
         assert seen == [0, 1]  # q/k/v taps keep the fast path
     finally:
         AttentionInterface._global_mapping["sdpa"] = original
+
+
+def test_nested_blocks_compose(llama):
+    """A read inside a `set_value` block sees the value set (the interceptions stack and unstack)."""
+    x = BASE
+    eye = torch.eye(6, dtype=torch.float64).expand(2, 4, 6, 6)
+    registry = _attention_registry_state()
+    with set_value(llama, {"layers.1.attention_pattern": eye}):
+        got = get_value(llama, x, ["layers.1.attention_pattern", "layers.1.values", "layers.1.attention_heads"])
+    torch.testing.assert_close(got["layers.1.attention_pattern"], eye)
+    v = got["layers.1.values"].repeat_interleave(2, dim=2)
+    torch.testing.assert_close(got["layers.1.attention_heads"], v, **TOL)
+    assert _attention_registry_state() == registry
+
+
+def test_attention_sites_follow_model_surgery():
+    """After replacing a block's attention module, the sites act on the new module, not the old one."""
+    import copy
+
+    model = build("llama")
+    x = BASE
+    get_value(model, x, "layers.1.queries")  # build and cache the graph
+    old = model.model.layers[1].self_attn
+    model.model.layers[1].self_attn = copy.deepcopy(old)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
+    point = SiteGraph.from_model(model).point("layers.1.queries")
+    assert point.module is model.model.layers[1].self_attn
+    ref = oracles.forward(model, x)
+    got = get_value(model, x, "layers.1.queries")["layers.1.queries"]
+    torch.testing.assert_close(got, ref["layers.1.queries"], **TOL)
+    zeroed = set_value(model, {"layers.1.attention_pattern": Zero()}, inputs=x).logits
+    want = oracles.forward(model, x, {"layers.1.attention_pattern": torch.zeros_like})["logits"]
+    torch.testing.assert_close(zeroed, want, **TOL)
