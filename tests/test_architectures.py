@@ -10,6 +10,7 @@ docs/sites.md's architecture table is generated from (`test_docs_table_is_curren
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import architectures as A
@@ -21,6 +22,12 @@ from interventions import SiteGraph, UnknownSiteError, Zero, get_value, intercha
 
 X = A.tokens(2, A.SEQ, seed=1)
 SOURCE = A.tokens(2, A.SEQ, seed=2)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str) -> torch.nn.Module:
+    """One shared model per name (interventions never change weights; surgery tests build their own)."""
+    return A.build_tiny(name)
 
 
 def layer_values(model, i: int, kinds) -> list[torch.Tensor]:
@@ -138,7 +145,7 @@ IDENTITIES = [check_hidden_states, check_residual_sum, check_zeroed_sublayers, c
 
 @pytest.mark.parametrize("name", A.NAMES)
 def test_identities(name):
-    model = A.build_tiny(name)
+    model = tiny(name)
     model(X, output_hidden_states=True)  # transformers installs its own recording hooks on first use
     before = hook_ids(model)
     graph = SiteGraph.from_model(model)
@@ -151,7 +158,7 @@ def test_identities(name):
 
 # -- the supported-architecture table ----------------------------------------------------------------
 def support_row(name: str) -> str:
-    model = A.build_tiny(name)
+    model = tiny(name)
     graph = SiteGraph.from_model(model)
     layout = graph.layouts[-1]
     fam = graph.family.name if graph.family else "inferred"
