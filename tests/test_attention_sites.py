@@ -306,3 +306,20 @@ def test_attention_sites_follow_model_surgery():
     zeroed = set_value(model, {"layers.1.attention_pattern": Zero()}, inputs=x).logits
     want = oracles.forward(model, x, {"layers.1.attention_pattern": torch.zeros_like})["logits"]
     torch.testing.assert_close(zeroed, want, **TOL)
+
+
+def test_encoder_pattern_is_bidirectional_and_respects_padding():
+    """BERT: no causal mask (sdpa passes None and the module is not causal), padding keys get no weight."""
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    model = tf.BertModel(config).double().eval()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    names = [f"layers.1.{k}" for k in ("values", "attention_pattern", "attention_heads")]
+    for inputs, pad in ((BASE, False), ({"input_ids": BASE, "attention_mask": mask}, True)):
+        v, p, z = (get_value(model, inputs, names)[n] for n in names)
+        assert p.triu(1).abs().max() > 0  # later keys are attended to
+        torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", p, v), z, **TOL)
+        if pad:
+            assert p[1, :, :, 4:].abs().max() == 0
