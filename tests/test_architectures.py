@@ -386,17 +386,19 @@ def check_pattern_mixes_values(model, graph, tol):
 
 
 def check_qkv_writes(model, graph, tol):
-    """Writes reach the scores: identical keys everywhere give uniform causal rows; zero values zero the heads."""
+    """Writes reach the scores: identical keys, or zero queries, give uniform causal rows; zero values
+    zero the heads."""
     seq = X.shape[1]
     for i in range(graph.num_layers):
         if model.config.model_type == "bloom":
             break  # ALiBi: equal keys do not give equal scores
         k_same = lambda k: k[:, :1].expand_as(k).clone()  # noqa: E731
-        with set_value(model, {f"layers.{i}.keys": k_same}):
-            (p,) = layer_values(model, i, ("attention_pattern",))
-        allowed = _allowed(model.config, i, seq).to(p.dtype)
-        uniform = (allowed / allowed.sum(-1, keepdim=True)).expand_as(p)
-        torch.testing.assert_close(p, uniform, **tol)
+        for write in ({f"layers.{i}.keys": k_same}, {f"layers.{i}.queries": Zero()}):
+            with set_value(model, write):
+                (p,) = layer_values(model, i, ("attention_pattern",))
+            allowed = _allowed(model.config, i, seq).to(p.dtype)
+            uniform = (allowed / allowed.sum(-1, keepdim=True)).expand_as(p)
+            torch.testing.assert_close(p, uniform, **tol)
     with set_value(model, {"layers.0.values": Zero()}):
         (z,) = layer_values(model, 0, ("attention_heads",))
     assert z.abs().max() == 0
