@@ -340,7 +340,7 @@ def _attention_state(model, graph):
 
 def check_attention_pattern(model, graph, tol):
     """The pattern is causal (sliding window respected), rows sum to 1, it equals softmax(q·kᵀ·scale
-    [soft-capped] + mask) recomputed from the queries and keys (except ALiBi's BLOOM), and computing it
+    [soft-capped] + ALiBi + mask) recomputed from the queries and keys, and computing it
     explicitly at one layer (the others on their fast path) leaves the logits unchanged."""
     config, seq = model.config, X.shape[1]
     state = _attention_state(model, graph)
@@ -352,11 +352,14 @@ def check_attention_pattern(model, graph, tol):
         torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), **tol)
         allowed = _allowed(config, i, seq)
         assert p.masked_select(~allowed).abs().max() == 0, "weight outside the causal / sliding-window mask"
-        if config.model_type == "bloom":
-            continue  # ALiBi adds a per-head position bias to q·kᵀ
         module = graph.point(f"layers.{i}.queries").module
         scale = 1.0 if config.model_type == "gpt_neo" else getattr(module, "scaling", None) or q.shape[-1] ** -0.5
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(heads // kv, dim=2)) * scale
+        if config.model_type == "bloom":  # ALiBi: a per-head linear bias over key positions
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            alibi = build_alibi_tensor(torch.ones(2, seq, dtype=torch.long), heads, q.dtype)
+            scores = scores + alibi.view(2, heads, 1, seq)
         cap = getattr(config, "attn_logit_softcapping", None)
         if cap:
             scores = torch.tanh(scores / cap) * cap
@@ -386,19 +389,23 @@ def check_pattern_mixes_values(model, graph, tol):
 
 
 def check_qkv_writes(model, graph, tol):
-    """Writes reach the scores: identical keys, or zero queries, give uniform causal rows; zero values
-    zero the heads."""
+    """Writes reach the scores: identical keys, or zero queries, give uniform causal rows (BLOOM: the
+    softmax of its ALiBi bias alone); zero values zero the heads."""
     seq = X.shape[1]
     for i in range(graph.num_layers):
-        if model.config.model_type == "bloom":
-            break  # ALiBi: equal keys do not give equal scores
         k_same = lambda k: k[:, :1].expand_as(k).clone()  # noqa: E731
         for write in ({f"layers.{i}.keys": k_same}, {f"layers.{i}.queries": Zero()}):
             with set_value(model, write):
                 (p,) = layer_values(model, i, ("attention_pattern",))
-            allowed = _allowed(model.config, i, seq).to(p.dtype)
-            uniform = (allowed / allowed.sum(-1, keepdim=True)).expand_as(p)
-            torch.testing.assert_close(p, uniform, **tol)
+            bias = torch.zeros(1, 1, 1, seq, dtype=p.dtype)  # equal scores: only the position bias is left
+            if model.config.model_type == "bloom":
+                from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+                bias = build_alibi_tensor(torch.ones(1, seq, dtype=torch.long), p.shape[1], p.dtype)
+                bias = bias.view(1, p.shape[1], 1, seq)
+            allowed = _allowed(model.config, i, seq)
+            expected = torch.softmax(bias.expand(1, p.shape[1], seq, seq).masked_fill(~allowed, float("-inf")), -1)
+            torch.testing.assert_close(p, expected.expand_as(p), **tol)
     with set_value(model, {"layers.0.values": Zero()}):
         (z,) = layer_values(model, 0, ("attention_heads",))
     assert z.abs().max() == 0
