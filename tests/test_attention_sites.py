@@ -323,3 +323,18 @@ def test_encoder_pattern_is_bidirectional_and_respects_padding():
         torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", p, v), z, **TOL)
         if pad:
             assert p[1, :, :, 4:].abs().max() == 0
+
+
+def test_decoding_step_with_a_cache():
+    """One new token after a cached prefix: the pattern is [b, heads, 1, prefix + 1] (sdpa passes no
+    mask at q = 1: every cached key is allowed) and equals the last row of the uncached pattern."""
+    model = build("llama")
+    with torch.no_grad():
+        prefix = model(BASE, use_cache=True).past_key_values
+        step = tokens(2, 1, seed=5)
+        p = get_value(model, {"input_ids": step, "past_key_values": prefix}, "layers.1.attention_pattern")
+    p = p["layers.1.attention_pattern"]
+    assert p.shape == (2, 4, 1, 7)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 1, dtype=p.dtype))
+    ref = get_value(model, torch.cat([BASE, step], 1), "layers.1.attention_pattern")["layers.1.attention_pattern"]
+    torch.testing.assert_close(p[:, :, 0], ref[:, :, -1], **TOL)
