@@ -54,6 +54,12 @@ def check_residual_sum(model, graph, tol):
         inp, attn, mlp, out = layer_values(model, i, ("input", "attention_output", "mlp_output", "output"))
         assert attn.abs().max() > 1e-3 and mlp.abs().max() > 1e-3
         torch.testing.assert_close(out, inp + attn + mlp, **tol)
+        # a written contribution is what the block adds (scaled sites write back through their scale)
+        new = attn.flip(1)
+        with set_value(model, {f"layers.{i}.attention_output": new}):
+            inp2, attn2, mlp2, out2 = layer_values(model, i, ("input", "attention_output", "mlp_output", "output"))
+        torch.testing.assert_close(attn2, new, **tol)
+        torch.testing.assert_close(out2, inp2 + new + mlp2, **tol)
 
 
 def check_zeroed_sublayers(model, graph, tol):
