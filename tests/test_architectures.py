@@ -253,6 +253,19 @@ def test_replacing_a_sublayer_rebuilds_the_graph():
     torch.testing.assert_close(out, v["layers.1.residual_mid"])
 
 
+def test_replacing_a_projection_deep_in_a_block_rebuilds_the_graph():
+    model = A.build_tiny("llama")
+    get_value(model, X, "layers.0.attention_heads")
+    old = model.model.layers[0].self_attn.o_proj
+    model.model.layers[0].self_attn.o_proj = copy.deepcopy(old)
+    graph = SiteGraph.from_model(model)
+    assert graph.point("layers.0.attention_heads").module is model.model.layers[0].self_attn.o_proj
+    assert graph.attention_module(0) is model.model.layers[0].self_attn
+    heads = get_value(model, X, "layers.0.attention_heads")["layers.0.attention_heads"]
+    attn = get_value(model, X, "layers.0.attention_output")["layers.0.attention_output"]
+    torch.testing.assert_close(attn, model.model.layers[0].self_attn.o_proj(heads.flatten(2)))
+
+
 def test_describe_names_tables_and_inference():
     text = SiteGraph.from_model(A.build_tiny("granite")).describe()
     assert "table granite" in text and "residual_scale" in text and "0.5" in text

@@ -98,3 +98,26 @@ def test_das_on_new_sites_matches_the_closed_form_and_trains(models, family, nam
     out.sum().backward()
     grad = das.rotation.linear.parametrizations.weight.original.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_sites_and_combined_writes(models, family):
+    """source_sites read a new site elsewhere in the source; residual_mid and output written in one run."""
+    model = models[family]
+    source_run = oracles.forward(model, SOURCE)
+    for name in ("layers.1.residual_mid", "layers.0.mlp_hidden", "final_norm"):
+        got = interchange(model, BASE, SOURCE, Site(name, positions=[1, 4]),
+                          source_sites=Site(name, positions=[3, 0])).logits
+        edit = oracles.interchange_edit(source_run[name], {"positions": [1, 4]}, {"positions": [3, 0]})
+        torch.testing.assert_close(got, oracles.forward(model, BASE, {name: edit})["logits"], **TOL)
+
+    v = random_like(torch.empty(2, 1, 16, dtype=torch.float64), 8)
+
+    def fn(cur):
+        return torch.tanh(cur) + 0.5 * cur
+    got = set_value(model, {Site("layers.0.residual_mid", positions=[3]): v, "layers.0.output": fn,
+                            Site("layers.1.mlp_hidden", dims=[0, 7]): Zero()}, inputs=BASE).logits
+    want = oracles.forward(model, BASE, {
+        "layers.0.residual_mid": oracles.set_to(v, [3]), "layers.0.output": fn,
+        "layers.1.mlp_hidden": oracles.edit_at(torch.zeros_like, dims=[0, 7])})["logits"]
+    torch.testing.assert_close(got, want, **TOL)
