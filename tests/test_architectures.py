@@ -54,6 +54,12 @@ def check_residual_sum(model, graph, tol):
         inp, attn, mlp, out = layer_values(model, i, ("input", "attention_output", "mlp_output", "output"))
         assert attn.abs().max() > 1e-3 and mlp.abs().max() > 1e-3
         torch.testing.assert_close(out, inp + attn + mlp, **tol)
+        # a written contribution is what the block adds (scaled sites write back through their scale)
+        new = attn.flip(1)
+        with set_value(model, {f"layers.{i}.attention_output": new}):
+            inp2, attn2, mlp2, out2 = layer_values(model, i, ("input", "attention_output", "mlp_output", "output"))
+        torch.testing.assert_close(attn2, new, **tol)
+        torch.testing.assert_close(out2, inp2 + new + mlp2, **tol)
 
 
 def check_zeroed_sublayers(model, graph, tol):
@@ -245,6 +251,19 @@ def test_replacing_a_sublayer_rebuilds_the_graph():
     with set_value(model, {"layers.1.mlp_output": Zero()}):
         out = get_value(model, X, "layers.1.output")["layers.1.output"]
     torch.testing.assert_close(out, v["layers.1.residual_mid"])
+
+
+def test_replacing_a_projection_deep_in_a_block_rebuilds_the_graph():
+    model = A.build_tiny("llama")
+    get_value(model, X, "layers.0.attention_heads")
+    old = model.model.layers[0].self_attn.o_proj
+    model.model.layers[0].self_attn.o_proj = copy.deepcopy(old)
+    graph = SiteGraph.from_model(model)
+    assert graph.point("layers.0.attention_heads").module is model.model.layers[0].self_attn.o_proj
+    assert graph.attention_module(0) is model.model.layers[0].self_attn
+    heads = get_value(model, X, "layers.0.attention_heads")["layers.0.attention_heads"]
+    attn = get_value(model, X, "layers.0.attention_output")["layers.0.attention_output"]
+    torch.testing.assert_close(attn, model.model.layers[0].self_attn.o_proj(heads.flatten(2)))
 
 
 def test_describe_names_tables_and_inference():

@@ -229,9 +229,14 @@ def test_unknown_hf_model_gets_block_sites_with_a_warning():
 def test_known_architecture_with_an_unknown_model_type_is_detected():
     model = build("gpt2", torch.float32)
     model.config.model_type = "gpt2_renamed_for_tests"
-    with pytest.warns(UserWarning, match="transformer.h"):
+    with pytest.warns(UserWarning, match="inferred from the structure of the blocks at 'transformer.h'"):
         graph = SiteGraph.from_model(model)
     assert graph.family is None and graph.num_layers == 2 and "logits" in graph
+    assert "[inferred]" in graph.describe() and "layers.1.mlp_hidden" in graph
+    v = get_value(model, BASE, ["layers.1.input", "layers.1.attention_output", "layers.1.mlp_output",
+                                "layers.1.output"])
+    torch.testing.assert_close(v["layers.1.output"], v["layers.1.input"] + v["layers.1.attention_output"]
+                               + v["layers.1.mlp_output"], rtol=1e-4, atol=1e-5)
     ref = model(BASE, output_hidden_states=True).hidden_states
     got = get_value(model, BASE, ["layers.0.input", "layers.0.output"])
     torch.testing.assert_close(got["layers.0.input"], ref[0], **TOL)

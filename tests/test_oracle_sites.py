@@ -11,9 +11,11 @@ import oracles
 import pytest
 import torch
 from conftest import hook_ids
-from test_oracle import BASE, FAMILIES, SOURCE, TOL, ids, models, random_like, selectors  # noqa: F401
+from test_oracle import (  # noqa: F401
+    BASE, FAMILIES, SOURCE, TOL, ids, models, random_like, rotate_swap_back, selectors,
+)
 
-from interventions import Site, SiteGraph, Zero, get_value, interchange, set_value
+from interventions import RotatedSubspace, Site, SiteGraph, Zero, get_value, interchange, set_value
 
 NEW_SITES = [f"layers.{i}.{k}" for i in range(2) for k in ("residual_mid", "mlp_hidden")] + ["final_norm"]
 
@@ -78,3 +80,44 @@ def test_residual_mid_write_reaches_the_block_output(models, family):
     want = oracles.forward(model, BASE, {site.name: oracles.set_to(v, [2])})
     torch.testing.assert_close(got["layers.0.output"], want["layers.0.output"], **TOL)
     torch.testing.assert_close(got["layers.1.input"], want["layers.1.input"], **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name, width", [("layers.1.mlp_hidden", 24), ("layers.0.residual_mid", 16),
+                                         ("final_norm", 16)])
+def test_das_on_new_sites_matches_the_closed_form_and_trains(models, family, name, width):
+    model = models[family]
+    sel = {"positions": [2, 4]}
+    torch.manual_seed(0)
+    das = RotatedSubspace(width, 3).double()
+    R = das.rotation.weight.detach()
+    out = interchange(model, BASE, SOURCE, Site(name, **sel), intervention=das).logits
+    edit = oracles.interchange_edit(oracles.forward(model, SOURCE)[name], sel,
+                                    mix=lambda b, s: rotate_swap_back(R, b, s, slice(0, 3)))
+    torch.testing.assert_close(out, oracles.forward(model, BASE, {name: edit})["logits"], **TOL)
+    out.sum().backward()
+    grad = das.rotation.linear.parametrizations.weight.original.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_sites_and_combined_writes(models, family):
+    """source_sites read a new site elsewhere in the source; residual_mid and output written in one run."""
+    model = models[family]
+    source_run = oracles.forward(model, SOURCE)
+    for name in ("layers.1.residual_mid", "layers.0.mlp_hidden", "final_norm"):
+        got = interchange(model, BASE, SOURCE, Site(name, positions=[1, 4]),
+                          source_sites=Site(name, positions=[3, 0])).logits
+        edit = oracles.interchange_edit(source_run[name], {"positions": [1, 4]}, {"positions": [3, 0]})
+        torch.testing.assert_close(got, oracles.forward(model, BASE, {name: edit})["logits"], **TOL)
+
+    v = random_like(torch.empty(2, 1, 16, dtype=torch.float64), 8)
+
+    def fn(cur):
+        return torch.tanh(cur) + 0.5 * cur
+    got = set_value(model, {Site("layers.0.residual_mid", positions=[3]): v, "layers.0.output": fn,
+                            Site("layers.1.mlp_hidden", dims=[0, 7]): Zero()}, inputs=BASE).logits
+    want = oracles.forward(model, BASE, {
+        "layers.0.residual_mid": oracles.set_to(v, [3]), "layers.0.output": fn,
+        "layers.1.mlp_hidden": oracles.edit_at(torch.zeros_like, dims=[0, 7])})["logits"]
+    torch.testing.assert_close(got, want, **TOL)
