@@ -60,3 +60,9 @@ __all__ = [
     "InterventionError", "UnknownSiteError", "SelectorError", "ShapeError", "UnsupportedModelError",
     "AlignmentError", "CausalModelError",
 ]
+
+# researcher workflows: gradients at sites, attribution patching, saving interventions (issue 13)
+from .attribution import attribution_patching
+from .gradients import ValueAndGrad, value_and_grad
+
+__all__ += ["ValueAndGrad", "value_and_grad", "attribution_patching"]
