@@ -66,3 +66,7 @@ from .attribution import attribution_patching
 from .gradients import ValueAndGrad, value_and_grad
 
 __all__ += ["ValueAndGrad", "value_and_grad", "attribution_patching"]
+from .registry import Saveable
+from .serialization import load_interventions, save_interventions
+
+__all__ += ["Saveable", "save_interventions", "load_interventions"]
