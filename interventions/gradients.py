@@ -62,8 +62,10 @@ def capture_with_grad(graph: SiteGraph, sites: list[Site]) -> tuple[dict[str, li
         def handler(full: torch.Tensor):
             for site in named:
                 _check_selectors(site, full)
-            if not full.requires_grad:  # nothing upstream needs grad (frozen model, token inputs)
-                full = full.detach().requires_grad_()
+            # A new tensor object that the forward continues from (a site that gets its input back
+            # unchanged may keep computing from the original instead): a free alias, or a fresh leaf
+            # where nothing upstream needs grad (frozen model, token inputs).
+            full = full.view_as(full) if full.requires_grad else full.detach().requires_grad_()
             captured[name] = full
             return full
         return handler

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from architectures import build_tiny
 from conftest import build, hook_ids, tokens
 from einops import rearrange
 
@@ -132,3 +133,96 @@ def test_bad_inputs(gpt2):
     with pytest.raises(InterventionError, match="0-dim"):
         iv.attribution_patching(gpt2, BASE, SOURCE, "layers.0.output", lambda logits: logits[:, -1, 3])
     assert hook_ids(gpt2) == before
+
+
+# -- AtP*'s QK fix ----------------------------------------------------------------------------------
+def _pattern_change_oracle(model, base, source, name, positions, metric):
+    """sum(d metric/d pattern * (patched pattern - pattern)), the patched pattern read from the model's own
+    forward with one position's query/key of one head set to the source's (no formula of ours)."""
+    layer = name.split(".")[1]
+    pattern = f"layers.{layer}.attention_pattern"
+    vg = iv.value_and_grad(model, base, [pattern], metric)
+    A, g = vg.values[pattern], vg.grads[pattern]
+    src = iv.get_value(model, source, name)[name]
+    out = torch.zeros(base.shape[0], len(positions), src.shape[2], dtype=torch.float64)
+    for i, t in enumerate(positions):
+        for h in range(src.shape[2]):
+            with iv.set_value(model, {Site(name, positions=[t], heads=[h]): src[:, t:t + 1, h:h + 1]}):
+                patched = iv.get_value(model, base, pattern)[pattern]
+            out[:, i, h] = (g * (patched - A)).sum((1, 2, 3))
+    return out
+
+
+def test_qk_fix_recomputes_the_pattern_exactly(tiny):
+    """Keys (KV heads on Llama) and queries: the fixed estimate equals the model's own patched pattern, linearised after."""
+    sites = [Site("layers.1.keys"), Site("layers.1.queries", positions=[2, -1]), Site("layers.0.keys", heads=[1]),
+             Site("layers.1.output")]
+    plain = iv.attribution_patching(tiny, BASE, SOURCE, sites, logit_diff)
+    fixed = iv.attribution_patching(tiny, BASE, SOURCE, sites, logit_diff, qk_fix=True)
+    tol = dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fixed[sites[0]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.keys", range(6),
+                                                                       logit_diff), **tol)
+    torch.testing.assert_close(fixed[sites[1]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.queries", [2, 5],
+                                                                       logit_diff), **tol)
+    torch.testing.assert_close(fixed[sites[2]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.0.keys", range(6),
+                                                                       logit_diff)[..., 1:2], **tol)
+    torch.testing.assert_close(fixed[sites[3]], plain[sites[3]])  # other sites keep the plain estimate
+    assert fixed[sites[0]].shape == (4, 6, tiny.config.num_key_value_heads if hasattr(tiny.config, "num_key_value_heads")
+                                     else 4)
+    assert not torch.allclose(fixed[sites[0]], plain[sites[0]])
+
+
+def saturated(scale: float, seed: int = 0):
+    """Tiny GPT-2 whose layer-1 queries are scaled up: its attention is near one-hot (saturated)."""
+    model = build("gpt2", seed=seed)
+    width = model.config.n_embd
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[:, :width] *= scale
+        model.transformer.h[1].attn.c_attn.bias[:width] *= scale
+    return model
+
+
+def test_qk_fix_removes_false_negatives_under_saturated_attention():
+    model = saturated(10.0)
+    base, source = tokens(8, 8, 10), tokens(8, 8, 20)
+
+    def per_example(logits):
+        return logits[:, -1, 3] - logits[:, -1, 5]
+
+    def metric(logits):
+        return per_example(logits).mean()
+
+    pattern = iv.get_value(model, base, "layers.1.attention_pattern")["layers.1.attention_pattern"]
+    assert pattern.amax(-1).mean() > 0.9  # saturated
+    clean = per_example(model(base).logits)
+    name = "layers.1.keys"
+    plain = iv.attribution_patching(model, base, source, name, metric)[name]
+    fixed = iv.attribution_patching(model, base, source, name, metric, qk_fix=True)[name]
+    real = torch.zeros_like(plain)  # real activation patching, one (position, head) at a time
+    for t in range(8):
+        for h in range(4):
+            with torch.no_grad():
+                patched = iv.interchange(model, base, source, Site(name, positions=[t], heads=[h])).logits
+            real[:, t, h] = (per_example(patched) - clean) / 8
+    threshold = 0.1 * real.abs().max()
+    matters = real.abs() > threshold
+    missed_plain = int((matters & (plain.abs() < threshold)).sum())
+    missed_fixed = int((matters & (fixed.abs() < threshold)).sum())
+    assert matters.sum() >= 10
+    assert missed_plain >= matters.sum() // 2  # the linear estimate misses most of them ...
+    assert missed_fixed <= matters.sum() // 5  # ... the QK fix finds almost all
+    assert (fixed - real).abs().sum() < 0.3 * (plain - real).abs().sum()
+
+
+def test_qk_fix_bad_inputs(gpt2):
+    with pytest.raises(InterventionError, match="none of the sites"):
+        iv.attribution_patching(gpt2, BASE, SOURCE, ["layers.0.output"], logit_diff, qk_fix=True)
+    with pytest.raises(InterventionError, match="whole query/key vectors"):
+        iv.attribution_patching(gpt2, BASE, SOURCE, [Site("layers.0.keys", dims=[0, 1])], logit_diff, qk_fix=True)
+    # Gemma 2 soft-caps its attention scores: softmax(scaling * q k^T + mask) is not its pattern
+    gemma2 = build_tiny("gemma2")
+    before = hook_ids(gemma2)
+    ids = tokens(2, 6, 3)
+    with pytest.raises(iv.UnsupportedModelError, match="soft-capping.*qk_fix=False"):
+        iv.attribution_patching(gemma2, ids, tokens(2, 6, 4), ["layers.0.keys"], logit_diff, qk_fix=True)
+    assert hook_ids(gemma2) == before

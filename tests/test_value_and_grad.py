@@ -39,6 +39,11 @@ SITES = [
     Site("layers.0.mlp_output", dims=slice(2, 9)),
     Site("layers.1.input", positions=torch.tensor([[0, 5], [1, 2], [4, 3]])),
     Site("logits", positions=[-1]),
+    # attention internals: queries [b, s, heads, d], keys/values [b, s, kv_heads, d], pattern [b, heads, q, k]
+    Site("layers.0.queries", positions=[3], heads=[0, 2]),
+    Site("layers.1.keys", heads=[1]),  # a KV head (Llama has 2)
+    Site("layers.0.values"),
+    Site("layers.1.attention_pattern"),
 ]
 
 
