@@ -8,6 +8,9 @@ Method and figures: docs/benchmarks.md ("Researcher workflows").
 
 - ``attribution``: `iv.attribution_patching` at every layer's heads, MLP output and residual output vs
   the same computed with hand-written torch hooks + `torch.autograd.grad` (goal: <= 1.2x).
+- ``qk_fix``: accuracy, not speed: on tiny GPT-2s whose layer-1 attention is saturated (queries scaled
+  up), how many of the (example, position, head) keys/queries that matter under real activation
+  patching plain attribution misses, and how many `qk_fix=True` (AtP*) still misses.
 """
 
 from __future__ import annotations
@@ -186,7 +189,71 @@ def attribution(s: Setup, model) -> dict:
             "attribution_ratio": ratio, "attribution_max_diff": diff}
 
 
-COMPARISONS = {"attribution": attribution}
+# -- AtP*'s QK fix under saturated attention ------------------------------------------------------------
+def saturated_model(scale: float, seed: int) -> tf.GPT2LMHeadModel:
+    """A tiny float64 GPT-2 (2 layers, width 64, 4 heads), weights N(0, 0.3), layer-1 queries times `scale`."""
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50, n_positions=32, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2LMHeadModel(config).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(0.3 * noise if p.dim() >= 2 else (1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise))
+        attn = model.transformer.h[1].attn.c_attn
+        attn.weight[:, :64] *= scale
+        attn.bias[:64] *= scale
+    return model
+
+
+def qk_fix(s: Setup, model) -> dict:
+    """False negatives of plain attribution vs qk_fix=True, both against real patching of each (position, head)."""
+    rows, out = [], {}
+    per_example = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]  # noqa: E731
+    metric = lambda logits: per_example(logits).mean()  # noqa: E731
+    for scale in (1.0, 10.0, 30.0):
+        for seed in range(3):
+            m = saturated_model(scale, seed)
+            gen = torch.Generator().manual_seed(100 + seed)
+            base, source = (torch.randint(0, 50, (8, 8), generator=gen) for _ in range(2))
+            top = float(iv.get_value(m, base, "layers.1.attention_pattern")["layers.1.attention_pattern"]
+                        .amax(-1).mean())
+            clean = per_example(m(base).logits)
+            for kind in ("keys", "queries"):
+                name = f"layers.1.{kind}"
+                plain = iv.attribution_patching(m, base, source, name, metric)[name]
+                fixed = iv.attribution_patching(m, base, source, name, metric, qk_fix=True)[name]
+                real = torch.zeros_like(plain)
+                with torch.no_grad():
+                    for t in range(base.shape[1]):
+                        for h in range(real.shape[2]):
+                            patched = iv.interchange(m, base, source, iv.Site(name, positions=[t], heads=[h]))
+                            real[:, t, h] = (per_example(patched.logits) - clean) / base.shape[0]
+                threshold = 0.1 * real.abs().max()
+                matters = real.abs() > threshold
+                row = dict(scale=scale, seed=seed, kind=kind, top_prob=top, matter=int(matters.sum()),
+                           missed_plain=int((matters & (plain.abs() < threshold)).sum()),
+                           missed_fixed=int((matters & (fixed.abs() < threshold)).sum()),
+                           l1_plain=float((plain - real).abs().sum() / real.abs().sum()),
+                           l1_fixed=float((fixed - real).abs().sum() / real.abs().sum()))
+                rows.append(row)
+    print("qk_fix: (example, position, head) nodes of layer 1 with |real effect| > 10% of the largest; "
+          "missed = |estimate| below that threshold")
+    print("  scale  mean max attn  kind     matter  missed plain  missed qk_fix  rel. L1 err plain  qk_fix")
+    for scale in (1.0, 10.0, 30.0):
+        for kind in ("keys", "queries"):
+            rs = [r for r in rows if r["scale"] == scale and r["kind"] == kind]
+            agg = {k: sum(r[k] for r in rs) for k in ("matter", "missed_plain", "missed_fixed")}
+            top = statistics.mean(r["top_prob"] for r in rs)
+            l1p, l1f = (statistics.mean(r[k] for r in rs) for k in ("l1_plain", "l1_fixed"))
+            print(f"  {scale:5.0f}  {top:13.3f}  {kind:7s}  {agg['matter']:6d}  {agg['missed_plain']:12d}  "
+                  f"{agg['missed_fixed']:13d}  {l1p:17.3f}  {l1f:6.3f}")
+            out[f"qk_fix_scale{scale:g}_{kind}"] = {**agg, "l1_plain": l1p, "l1_fixed": l1f, "top_prob": top}
+    return out
+
+
+COMPARISONS = {"attribution": attribution, "qk_fix": qk_fix}
 
 
 def main(argv=None) -> None:
