@@ -167,6 +167,14 @@ def test_qk_fix_recomputes_the_pattern_exactly(tiny):
     torch.testing.assert_close(fixed[sites[2]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.0.keys", range(6),
                                                                        logit_diff)[..., 1:2], **tol)
     torch.testing.assert_close(fixed[sites[3]], plain[sites[3]])  # other sites keep the plain estimate
+    per_example = torch.tensor([[0, 4], [5, 1], [2, 2], [3, 0]])  # positions per example ([batch, k])
+    picked = iv.attribution_patching(tiny, BASE, SOURCE, [Site("layers.1.keys", positions=per_example),
+                                                          Site("layers.1.queries", positions=per_example)],
+                                     logit_diff, qk_fix=True)
+    whole = iv.attribution_patching(tiny, BASE, SOURCE, ["layers.1.keys", "layers.1.queries"], logit_diff, qk_fix=True)
+    for name in ("layers.1.keys", "layers.1.queries"):
+        want = whole[name].gather(1, per_example[:, :, None].expand(-1, -1, whole[name].shape[2]))
+        torch.testing.assert_close(picked[Site(name, positions=per_example)], want)
     assert fixed[sites[0]].shape == (4, 6, tiny.config.num_key_value_heads if hasattr(tiny.config, "num_key_value_heads")
                                      else 4)
     assert not torch.allclose(fixed[sites[0]], plain[sites[0]])
