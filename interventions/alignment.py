@@ -137,7 +137,7 @@ def _overlap(a, b) -> bool:
 
 
 def _atom_to_json(atom, what: str):
-    """A key or image atom as JSON: a str or int as itself, a tuple as {"tuple": [...]}, a Site as {"site": ...}."""
+    """A key or image atom as JSON: str / int as is, a tuple as {"tuple": [...]}, a Site as {"site": ...}."""
     from .serialization import site_to_json
 
     if isinstance(atom, Site):
@@ -272,7 +272,8 @@ class Alignment(Mapping):
             raise AlignmentError("Alignment.from_json: not an alignment written by Alignment.to_json "
                                  "(expected an object with format 'interventions.Alignment')")
         if data.get("version") != 1:
-            raise AlignmentError(f"Alignment.from_json: version {data.get('version')!r} is unsupported (reads 1)")
+            raise AlignmentError(
+                f"Alignment.from_json: version {data.get('version')!r} is unsupported (reads 1)")
         try:
             return cls({_atom_from_json(k): [_atom_from_json(a) for a in v] for k, v in data["items"]})
         except (KeyError, TypeError, ValueError) as e:

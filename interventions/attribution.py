@@ -27,8 +27,9 @@ _QK = re.compile(r"layers\.(\d+)\.(queries|keys)")
 PATTERN_TOL = 1e-4  # how closely softmax(scaling * q k^T + mask) must reproduce the model's pattern
 
 
-def attribution_patching(model: nn.Module, base: Inputs, source: Inputs, sites, metric: Metric, *,
-                         qk_fix: bool = False) -> dict[Site, torch.Tensor]:
+def attribution_patching(
+    model: nn.Module, base: Inputs, source: Inputs, sites, metric: Metric, *, qk_fix: bool = False
+) -> dict[Site, torch.Tensor]:
     """Site -> ``((source value - base value) * d metric / d base value).sum(-1)``, detached.
 
     Shapes: [batch, positions] for residual-type sites, [batch, positions, heads] for per-head sites
@@ -45,7 +46,7 @@ def attribution_patching(model: nn.Module, base: Inputs, source: Inputs, sites, 
     b_shape, s_shape = _shape(base), _shape(source)
     if None not in b_shape + s_shape and b_shape != s_shape:
         raise ShapeError(
-            f"base and source must have the same shape [batch, seq] (pairs of prompts, position-aligned), got "
+            f"base and source must have the same shape [batch, seq] (position-aligned prompt pairs), got "
             f"base {b_shape} and source {s_shape}."
         )
     fixed: dict[int, list[int]] = {}  # layer -> indices of the requested queries/keys sites
@@ -58,7 +59,8 @@ def attribution_patching(model: nn.Module, base: Inputs, source: Inputs, sites, 
                 fixed.setdefault(int(match.group(1)), []).append(i)
                 if site.dims is not None:
                     raise InterventionError(
-                        f"qk_fix recomputes the pattern for whole query/key vectors; '{site.name}' has dims={site.dims} "
+                        f"qk_fix recomputes the pattern for whole query/key vectors; '{site.name}' has "
+                        f"dims={site.dims} "
                         "(drop dims, or use qk_fix=False)."
                     )
         if not fixed:
@@ -71,7 +73,9 @@ def attribution_patching(model: nn.Module, base: Inputs, source: Inputs, sites, 
     with torch.no_grad():
         source_values = get_value(model, source, requested + extra_src)  # stops after the last site; no head
     result = value_and_grad(model, base, requested + extra_base, metric)
-    out = {site: _contract(source_values[site], result.values[site], result.grads[site]) for site in requested}
+    out = {
+        site: _contract(source_values[site], result.values[site], result.grads[site]) for site in requested
+    }
     for layer, indices in fixed.items():
         exact = _QKFix(graph, layer, base, source_values, result)
         for i in indices:
@@ -85,7 +89,7 @@ def _contract(source: torch.Tensor, base: torch.Tensor, grad: torch.Tensor) -> t
 
 
 class _QKFix:
-    """AtP*'s QK fix for one layer: exact patterns for patched queries/keys, linear only from the pattern on."""
+    """AtP*'s QK fix for one layer: exact patterns for patched queries/keys, linear from the pattern on."""
 
     CHUNK = 1 << 24  # elements of the [batch, heads, keys, q, k] tensor of patched key patterns at a time
 
@@ -95,22 +99,25 @@ class _QKFix:
         self.q_s, self.k_s = (source_values[f"{name}.{k}"].to(self.q_b.dtype) for k in ("queries", "keys"))
         self.pattern = result.values[f"{name}.attention_pattern"]  # [b, heads, q, k]
         self.grad = result.grads[f"{name}.attention_pattern"]
-        batch, seq, heads, head_dim = self.q_b.shape
+        _, seq, heads, head_dim = self.q_b.shape
         self.groups = heads // self.k_b.shape[2]
         module = graph.point(f"{name}.queries").module
-        self.scaling = float(getattr(module, "scaling", None) or head_dim ** -0.5)
+        self.scaling = float(getattr(module, "scaling", None) or head_dim**-0.5)
         self.mask = _additive_mask(base, seq, self.q_b)  # [b or 1, 1, q, k]
         self.scores = self.scaling * torch.einsum("bqhd,bkhd->bhqk", self.q_b, self._per_query_head(self.k_b))
         self.scores = self.scores + self.mask
         diff = (torch.softmax(self.scores, -1) - self.pattern.to(self.scores.dtype)).abs().max()
         if not diff <= PATTERN_TOL:  # NaN (a fully masked row) fails too
             raise UnsupportedModelError(
-                f"qk_fix recomputes the attention pattern as softmax(scaling * q k^T + causal/padding mask) with scaling "
-                f"{self.scaling:.4g}; at {name} that differs from {type(graph.model).__name__}'s own pattern by "
-                f"{float(diff):.2e} (soft-capping, ALiBi, sliding windows or another scaling are not modelled). "
+                f"qk_fix recomputes the attention pattern as softmax(scaling * q k^T + causal/padding mask) "
+                f"with scaling {self.scaling:.4g}; at {name} that differs from "
+                f"{type(graph.model).__name__}'s own pattern by {float(diff):.2e} (soft-capping, ALiBi, "
+                "sliding windows or another scaling are not modelled). "
                 "Use qk_fix=False for this model."
             )
-        self.clean = (self.grad * self.pattern).sum(-1)  # [b, heads, q]: the pattern's linear term, per query row
+        self.clean = (self.grad * self.pattern).sum(
+            -1
+        )  # [b, heads, q]: the pattern's linear term, per query row
 
     def _per_query_head(self, kv: torch.Tensor) -> torch.Tensor:
         return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=2)
@@ -124,33 +131,40 @@ class _QKFix:
         else:
             pos = site.positions.long()
         pos = pos.to(self.q_b.device)
-        est = self._queries(pos) if site.name.endswith(".queries") else self._keys(pos)  # [b, positions, heads]
+        est = (
+            self._queries(pos) if site.name.endswith(".queries") else self._keys(pos)
+        )  # [b, positions, heads]
         if site.heads is not None:
             est = est[:, :, torch.tensor(site.heads, device=est.device)]
         return est.detach()
 
     def _queries(self, pos: torch.Tensor) -> torch.Tensor:
         """Row p of the pattern recomputed with the source's query at p: [b, positions, heads]."""
-        rows = lambda t: t.gather(2, pos[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # noqa: E731
+        rows = lambda t: t.gather(2, pos[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
         q_new = self.q_s.gather(1, pos[:, :, None, None].expand(-1, -1, *self.q_s.shape[2:]))  # [b, P, h, d]
         scores = self.scaling * torch.einsum("bphd,bkhd->bhpk", q_new, self._per_query_head(self.k_b))
         patched = torch.softmax(scores + rows(self.mask.expand(*self.scores.shape)), -1)
-        est = (rows(self.grad) * patched).sum(-1) - self.clean.gather(2, pos[:, None].expand(-1, self.clean.shape[1], -1))
+        est = (rows(self.grad) * patched).sum(-1) - self.clean.gather(
+            2, pos[:, None].expand(-1, self.clean.shape[1], -1)
+        )
         return est.transpose(1, 2)
 
     def _keys(self, pos: torch.Tensor) -> torch.Tensor:
-        """Column p of the scores recomputed with the source's key at p (KV heads): [b, positions, kv_heads]."""
+        """Column p of the scores recomputed with the source's key at p: [b, positions, kv_heads]."""
         batch, heads, seq, _ = self.scores.shape
         k_new = self.k_s.gather(1, pos[:, :, None, None].expand(-1, -1, *self.k_s.shape[2:]))  # [b, P, kv, d]
         column = self.scaling * torch.einsum("bqhd,bphd->bhqp", self.q_b, self._per_query_head(k_new))
-        column = column + self.mask.expand(batch, -1, -1, -1).gather(3, pos[:, None, None, :].expand(-1, 1, seq, -1))
+        column = column + self.mask.expand(batch, -1, -1, -1).gather(
+            3, pos[:, None, None, :].expand(-1, 1, seq, -1)
+        )
         step = max(1, self.CHUNK // max(1, batch * heads * seq * seq))
         pieces = []
         for start in range(0, pos.shape[1], step):
-            p = pos[:, start:start + step]  # [b, c]
+            p = pos[:, start : start + step]  # [b, c]
             hit = torch.nn.functional.one_hot(p, seq).bool()[:, None, :, None, :]  # [b, 1, c, 1, k]
-            scores = torch.where(hit, column[..., start:start + step].movedim(-1, 2)[..., None],
-                                 self.scores[:, :, None])  # [b, h, c, q, k]
+            scores = torch.where(
+                hit, column[..., start : start + step].movedim(-1, 2)[..., None], self.scores[:, :, None]
+            )  # [b, h, c, q, k]
             patched = torch.softmax(scores, -1)
             pieces.append((self.grad[:, :, None] * patched).sum((-1, -2)) - self.clean.sum(-1)[:, :, None])
         est = torch.cat(pieces, 2)  # [b, heads, P]

@@ -1,4 +1,4 @@
-"""`value_and_grad`: a metric of the model's logits, and its gradient at named sites, in one forward and one backward.
+"""`value_and_grad`: a metric of the logits and its gradient at named sites, one forward and one backward.
 
 Each site's value is captured inside its hook and the forward continues from that very tensor, so
 `torch.autograd.grad(metric, values)` gives total derivatives (a site nested inside another gets its
@@ -41,17 +41,25 @@ class ValueAndGrad:
 def check_metric(value, what: str = "metric") -> torch.Tensor:
     """Raise unless a metric returned a 0-dim tensor (what `torch.autograd.grad` can start from)."""
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        got = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
         raise InterventionError(
             f"{what}(logits) must return a 0-dim tensor (e.g. a mean logit difference: reduce over the "
             f"batch with .mean() or .sum()), got {got}."
         )
     if not value.dtype.is_floating_point and not value.dtype.is_complex:
-        raise InterventionError(f"{what}(logits) must return a floating-point tensor, got dtype {value.dtype}.")
+        raise InterventionError(
+            f"{what}(logits) must return a floating-point tensor, got dtype {value.dtype}."
+        )
     return value
 
 
-def capture_with_grad(graph: SiteGraph, sites: list[Site]) -> tuple[dict[str, list[Handler]], dict[str, torch.Tensor]]:
+def capture_with_grad(
+    graph: SiteGraph, sites: list[Site]
+) -> tuple[dict[str, list[Handler]], dict[str, torch.Tensor]]:
     """Handlers that keep each site's whole value as a node of the autograd graph (a leaf if it had none).
 
     The returned value is the one the forward continues from, so gradients at it are total derivatives.
@@ -68,6 +76,7 @@ def capture_with_grad(graph: SiteGraph, sites: list[Site]) -> tuple[dict[str, li
             full = full.view_as(full) if full.requires_grad else full.detach().requires_grad_()
             captured[name] = full
             return full
+
         return handler
 
     by_name: dict[str, list[Site]] = {}
@@ -93,7 +102,9 @@ def value_and_grad(model: nn.Module, inputs: Inputs, sites, metric: Metric) -> V
             output = call(model, inputs)
         missing = sorted({s.name for s in prepared} - set(captured))
         if missing:
-            raise InterventionError(f"sites {missing} were not reached by the forward pass (is the module used?)")
+            raise InterventionError(
+                f"sites {missing} were not reached by the forward pass (is the module used?)"
+            )
         value = check_metric(metric(logits_of(output)))
         names = list(captured)
         if value.requires_grad:

@@ -42,8 +42,12 @@ def site_to_json(site: Site) -> dict:
         dims = {"slice": [dims.start, dims.stop]}
     elif dims is not None:
         dims = list(dims)
-    return {"name": site.name, "positions": pos, "heads": None if site.heads is None else list(site.heads),
-            "dims": dims}
+    return {
+        "name": site.name,
+        "positions": pos,
+        "heads": None if site.heads is None else list(site.heads),
+        "dims": dims,
+    }
 
 
 def site_from_json(data) -> Site:
@@ -72,8 +76,9 @@ class _Writer:
     def module(self, module: nn.Module, where: str) -> str:
         if not isinstance(module, Saveable):
             raise InterventionError(
-                f"cannot save {where}: {type(module).__name__} is not a saveable module. Interventions (subclasses "
-                "of iv.Intervention) and iv.Rotation save; other modules may be held inside one as submodules."
+                f"cannot save {where}: {type(module).__name__} is not a saveable module. Interventions "
+                "(subclasses of iv.Intervention) and iv.Rotation save; other modules may be held inside "
+                "one as submodules."
             )
         key = self.ids.get(id(module))
         if key is not None:
@@ -85,8 +90,12 @@ class _Writer:
         name = saved_name(type(module))
         where = f"{name} (module {key})"
         entry = {"class": name}
-        entry["args"] = [self.value(a, f"argument {i} of {where}", f"{key}/args/{i}") for i, a in enumerate(args)]
-        entry["kwargs"] = {k: self.value(v, f"argument {k!r} of {where}", f"{key}/kwargs/{k}") for k, v in kwargs.items()}
+        entry["args"] = [
+            self.value(a, f"argument {i} of {where}", f"{key}/args/{i}") for i, a in enumerate(args)
+        ]
+        entry["kwargs"] = {
+            k: self.value(v, f"argument {k!r} of {where}", f"{key}/kwargs/{k}") for k, v in kwargs.items()
+        }
         children = {path: sub for path, sub in module.named_modules() if path and isinstance(sub, Saveable)}
         top = [p for p in children if not any(p.startswith(q + ".") for q in children)]
         entry["children"] = {p: self.module(children[p], f"submodule {p!r} of {where}") for p in top}
@@ -104,7 +113,9 @@ class _Writer:
             self.tensors[tensor_key] = value.detach().to("cpu").contiguous().clone()
             return {"$tensor": tensor_key}
         if isinstance(value, slice):
-            return {"$slice": [self.value(v, where, tensor_key) for v in (value.start, value.stop, value.step)]}
+            return {
+                "$slice": [self.value(v, where, tensor_key) for v in (value.start, value.stop, value.step)]
+            }
         if isinstance(value, torch.dtype):
             return {"$dtype": str(value).removeprefix("torch.")}
         if isinstance(value, Site):
@@ -115,10 +126,13 @@ class _Writer:
             items = [self.value(v, f"{where}[{i}]", f"{tensor_key}/{i}") for i, v in enumerate(value)]
             return items if isinstance(value, list) else {"$tuple": items}
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-            return {"$dict": {k: self.value(v, f"{where}[{k!r}]", f"{tensor_key}/{k}") for k, v in value.items()}}
+            return {
+                "$dict": {k: self.value(v, f"{where}[{k!r}]", f"{tensor_key}/{k}") for k, v in value.items()}
+            }
         raise InterventionError(
-            f"cannot save {where}: a {type(value).__name__}. Constructor arguments may be None, bool, int, float, "
-            "str, tensors, slices, dtypes, Sites, saveable modules, and lists / tuples / str-keyed dicts of those."
+            f"cannot save {where}: a {type(value).__name__}. Constructor arguments may be None, bool, int, "
+            "float, str, tensors, slices, dtypes, Sites, saveable modules, and lists / tuples / str-keyed "
+            "dicts of those."
         )
 
 
@@ -134,10 +148,14 @@ def save_interventions(path, interventions: Mapping) -> Path:
     entries = []
     for site, module in interventions.items():
         site = as_site(site)
-        entries.append({"site": site_to_json(site), "module": writer.module(module, f"the intervention at {site!r}")})
+        entries.append(
+            {"site": site_to_json(site), "module": writer.module(module, f"the intervention at {site!r}")}
+        )
     document = {"format": FORMAT, "version": VERSION, "entries": entries, "modules": writer.modules}
     if path.exists() and not path.is_dir():
-        raise InterventionError(f"{path} exists and is not a directory; save_interventions writes a directory")
+        raise InterventionError(
+            f"{path} exists and is not a directory; save_interventions writes a directory"
+        )
     path.mkdir(parents=True, exist_ok=True)
     save_file(writer.tensors, str(path / TENSOR_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     (path / JSON_FILE).write_text(json.dumps(document, indent=1) + "\n")
@@ -156,8 +174,10 @@ class _Reader:
 
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.tensors:
-            raise InterventionError(f"{self.tensor_file}: tensor {key!r} is missing from it, but {self.file.name} "
-                                    "needs it (the two files do not belong together?)")
+            raise InterventionError(
+                f"{self.tensor_file}: tensor {key!r} is missing from it, but {self.file.name} "
+                "needs it (the two files do not belong together?)"
+            )
         return self.tensors[key].clone()  # its own memory, not the file's
 
     def module(self, key) -> nn.Module:
@@ -188,8 +208,10 @@ class _Reader:
             self.fail(f"malformed description of module {key} ({name}): {type(e).__name__}: {e}")
         try:
             module = cls(*args, **kwargs)
-        except Exception as e:
-            self.fail(f"could not rebuild module {key}: {name}(*args, **kwargs) raised {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - any constructor failure is reported with the path
+            self.fail(
+                f"could not rebuild module {key}: {name}(*args, **kwargs) raised {type(e).__name__}: {e}"
+            )
         for path, child in children.items():  # re-link shared submodules (the one object everyone held)
             parent, _, attr = path.rpartition(".")
             try:
@@ -217,7 +239,7 @@ class _Reader:
             return [self.value(v) for v in value]
         if not isinstance(value, Mapping):
             return value
-        (tag, inner), = value.items()
+        ((tag, inner),) = value.items()
         if tag == "$tensor":
             return self.tensor(inner)
         if tag == "$slice":
@@ -243,7 +265,9 @@ def load_interventions(path) -> dict[Site, nn.Module]:
     path = Path(path)
     file = path / JSON_FILE
     if not file.is_file():
-        raise InterventionError(f"{path}: no {JSON_FILE} there; expected a directory written by save_interventions")
+        raise InterventionError(
+            f"{path}: no {JSON_FILE} there; expected a directory written by save_interventions"
+        )
     try:
         document = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

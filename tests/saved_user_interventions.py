@@ -11,8 +11,15 @@ import interventions as iv
 class GatedMix(iv.Intervention, saved_name="tests.GatedMix"):
     """base + sigmoid(gate) * (source - base) @ proj, with a shared Rotation applied on top."""
 
-    def __init__(self, size: int, *, rotation: iv.Rotation, dims=slice(0, 2), init_gate: float = 0.0,
-                 offset: torch.Tensor | None = None):
+    def __init__(
+        self,
+        size: int,
+        *,
+        rotation: iv.Rotation,
+        dims=slice(0, 2),
+        init_gate: float = 0.0,
+        offset: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.rotation = rotation
         self.gate = nn.Parameter(torch.full((size,), init_gate))

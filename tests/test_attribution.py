@@ -22,8 +22,11 @@ def logit_diff(logits):
 
 
 def test_equals_value_and_grad_on_base_and_get_value_on_source(tiny):
-    sites = [Site("layers.0.output"), Site("layers.1.attention_heads", positions=[1, -1], heads=[0, 2]),
-             Site("layers.1.mlp_output", dims=[0, 3, 5])]
+    sites = [
+        Site("layers.0.output"),
+        Site("layers.1.attention_heads", positions=[1, -1], heads=[0, 2]),
+        Site("layers.1.mlp_output", dims=[0, 3, 5]),
+    ]
     got = iv.attribution_patching(tiny, BASE, SOURCE, sites, logit_diff)
     vg = iv.value_and_grad(tiny, BASE, sites, logit_diff)
     src = iv.get_value(tiny, SOURCE, sites)
@@ -42,8 +45,11 @@ def _handwritten(model, base, source, layers, metric):
 
     def points(layer):  # (name, module, pre-hook?) ; heads are c_proj's input viewed per head
         b = blocks[layer]
-        return [(f"layers.{layer}.attention_heads", b.attn.c_proj, True),
-                (f"layers.{layer}.mlp_output", b.mlp, False), (f"layers.{layer}.output", b, False)]
+        return [
+            (f"layers.{layer}.attention_heads", b.attn.c_proj, True),
+            (f"layers.{layer}.mlp_output", b.mlp, False),
+            (f"layers.{layer}.output", b, False),
+        ]
 
     def first(out):
         return out[0] if isinstance(out, tuple) else out
@@ -53,10 +59,17 @@ def _handwritten(model, base, source, layers, metric):
     for layer in layers:
         for name, mod, pre in points(layer):
             if pre:
-                handles.append(mod.register_forward_pre_hook(
-                    lambda m, a, n=name: src.__setitem__(n, rearrange(a[0], "b s (h d) -> b s h d", h=heads))))
+                handles.append(
+                    mod.register_forward_pre_hook(
+                        lambda m, a, n=name: src.__setitem__(
+                            n, rearrange(a[0], "b s (h d) -> b s h d", h=heads)
+                        )
+                    )
+                )
             else:
-                handles.append(mod.register_forward_hook(lambda m, a, o, n=name: src.__setitem__(n, first(o))))
+                handles.append(
+                    mod.register_forward_hook(lambda m, a, o, n=name: src.__setitem__(n, first(o)))
+                )
     with torch.no_grad():
         model(source)
     for h in handles:
@@ -68,15 +81,19 @@ def _handwritten(model, base, source, layers, metric):
             shape = src[name].shape
             deltas[name] = torch.zeros(shape, dtype=src[name].dtype, requires_grad=True)
             if pre:
+
                 def hook(m, a, n=name):
                     base_vals[n] = rearrange(a[0], "b s (h d) -> b s h d", h=heads).detach()
                     return (a[0] + rearrange(deltas[n], "b s h d -> b s (h d)"),)
+
                 handles.append(mod.register_forward_pre_hook(hook))
             else:
+
                 def hook(m, a, o, n=name):
                     base_vals[n] = first(o).detach()
                     new = first(o) + deltas[n]
                     return (new, *o[1:]) if isinstance(o, tuple) else new
+
                 handles.append(mod.register_forward_hook(hook))
     try:
         value = metric(model(base).logits)
@@ -100,14 +117,15 @@ def test_equals_handwritten_hooks_and_autograd(gpt2):
 
 def test_exact_where_the_metric_is_linear_in_the_site(gpt2):
     """Patching the logits at one position changes a linear metric by exactly the linear estimate."""
+
     def metric(logits):  # linear in the logits of every position
         return (logits[:, :, 3] - 0.5 * logits[:, :, 7]).sum()
 
     got = iv.attribution_patching(gpt2, BASE, SOURCE, "logits", metric)["logits"]
     for b in range(BASE.shape[0]):
-        clean = metric(iv.logits_of(gpt2(BASE[b:b + 1])))
+        clean = metric(iv.logits_of(gpt2(BASE[b : b + 1])))
         for p in range(BASE.shape[1]):
-            patched = iv.interchange(gpt2, BASE[b:b + 1], SOURCE[b:b + 1], Site("logits", positions=[p]))
+            patched = iv.interchange(gpt2, BASE[b : b + 1], SOURCE[b : b + 1], Site("logits", positions=[p]))
             torch.testing.assert_close(got[b, p], metric(iv.logits_of(patched)) - clean)
 
 
@@ -120,7 +138,9 @@ def test_second_order_close_to_real_patching_for_nearby_sources(gpt2):
     for eps in (1e-2, 5e-3):
         base, source = {"inputs_embeds": emb}, {"inputs_embeds": emb + eps * direction}
         est = iv.attribution_patching(gpt2, base, source, site, logit_diff)[site][0, 0]
-        real = logit_diff(iv.interchange(gpt2, base, source, site).logits) - logit_diff(gpt2(inputs_embeds=emb).logits)
+        real = logit_diff(iv.interchange(gpt2, base, source, site).logits) - logit_diff(
+            gpt2(inputs_embeds=emb).logits
+        )
         assert abs(real) > 1e-4
         errors.append(abs(est - real))
     assert errors[1] < errors[0] / 3  # second order: halving eps divides the error by ~4
@@ -147,36 +167,59 @@ def _pattern_change_oracle(model, base, source, name, positions, metric):
     out = torch.zeros(base.shape[0], len(positions), src.shape[2], dtype=torch.float64)
     for i, t in enumerate(positions):
         for h in range(src.shape[2]):
-            with iv.set_value(model, {Site(name, positions=[t], heads=[h]): src[:, t:t + 1, h:h + 1]}):
+            with iv.set_value(model, {Site(name, positions=[t], heads=[h]): src[:, t : t + 1, h : h + 1]}):
                 patched = iv.get_value(model, base, pattern)[pattern]
             out[:, i, h] = (g * (patched - A)).sum((1, 2, 3))
     return out
 
 
 def test_qk_fix_recomputes_the_pattern_exactly(tiny):
-    """Keys (KV heads on Llama) and queries: the fixed estimate equals the model's own patched pattern, linearised after."""
-    sites = [Site("layers.1.keys"), Site("layers.1.queries", positions=[2, -1]), Site("layers.0.keys", heads=[1]),
-             Site("layers.1.output")]
+    """Keys (KV heads on Llama), queries: the fixed estimate = the model's own patched pattern, linearised after."""
+    sites = [
+        Site("layers.1.keys"),
+        Site("layers.1.queries", positions=[2, -1]),
+        Site("layers.0.keys", heads=[1]),
+        Site("layers.1.output"),
+    ]
     plain = iv.attribution_patching(tiny, BASE, SOURCE, sites, logit_diff)
     fixed = iv.attribution_patching(tiny, BASE, SOURCE, sites, logit_diff, qk_fix=True)
     tol = dict(atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(fixed[sites[0]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.keys", range(6),
-                                                                       logit_diff), **tol)
-    torch.testing.assert_close(fixed[sites[1]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.queries", [2, 5],
-                                                                       logit_diff), **tol)
-    torch.testing.assert_close(fixed[sites[2]], _pattern_change_oracle(tiny, BASE, SOURCE, "layers.0.keys", range(6),
-                                                                       logit_diff)[..., 1:2], **tol)
+    torch.testing.assert_close(
+        fixed[sites[0]],
+        _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.keys", range(6), logit_diff),
+        **tol,
+    )
+    torch.testing.assert_close(
+        fixed[sites[1]],
+        _pattern_change_oracle(tiny, BASE, SOURCE, "layers.1.queries", [2, 5], logit_diff),
+        **tol,
+    )
+    torch.testing.assert_close(
+        fixed[sites[2]],
+        _pattern_change_oracle(tiny, BASE, SOURCE, "layers.0.keys", range(6), logit_diff)[..., 1:2],
+        **tol,
+    )
     torch.testing.assert_close(fixed[sites[3]], plain[sites[3]])  # other sites keep the plain estimate
     per_example = torch.tensor([[0, 4], [5, 1], [2, 2], [3, 0]])  # positions per example ([batch, k])
-    picked = iv.attribution_patching(tiny, BASE, SOURCE, [Site("layers.1.keys", positions=per_example),
-                                                          Site("layers.1.queries", positions=per_example)],
-                                     logit_diff, qk_fix=True)
-    whole = iv.attribution_patching(tiny, BASE, SOURCE, ["layers.1.keys", "layers.1.queries"], logit_diff, qk_fix=True)
+    picked = iv.attribution_patching(
+        tiny,
+        BASE,
+        SOURCE,
+        [Site("layers.1.keys", positions=per_example), Site("layers.1.queries", positions=per_example)],
+        logit_diff,
+        qk_fix=True,
+    )
+    whole = iv.attribution_patching(
+        tiny, BASE, SOURCE, ["layers.1.keys", "layers.1.queries"], logit_diff, qk_fix=True
+    )
     for name in ("layers.1.keys", "layers.1.queries"):
         want = whole[name].gather(1, per_example[:, :, None].expand(-1, -1, whole[name].shape[2]))
         torch.testing.assert_close(picked[Site(name, positions=per_example)], want)
-    assert fixed[sites[0]].shape == (4, 6, tiny.config.num_key_value_heads if hasattr(tiny.config, "num_key_value_heads")
-                                     else 4)
+    assert fixed[sites[0]].shape == (
+        4,
+        6,
+        tiny.config.num_key_value_heads if hasattr(tiny.config, "num_key_value_heads") else 4,
+    )
     assert not torch.allclose(fixed[sites[0]], plain[sites[0]])
 
 
@@ -226,7 +269,9 @@ def test_qk_fix_bad_inputs(gpt2):
     with pytest.raises(InterventionError, match="none of the sites"):
         iv.attribution_patching(gpt2, BASE, SOURCE, ["layers.0.output"], logit_diff, qk_fix=True)
     with pytest.raises(InterventionError, match="whole query/key vectors"):
-        iv.attribution_patching(gpt2, BASE, SOURCE, [Site("layers.0.keys", dims=[0, 1])], logit_diff, qk_fix=True)
+        iv.attribution_patching(
+            gpt2, BASE, SOURCE, [Site("layers.0.keys", dims=[0, 1])], logit_diff, qk_fix=True
+        )
     # Gemma 2 soft-caps its attention scores: softmax(scaling * q k^T + mask) is not its pattern
     gemma2 = build_tiny("gemma2")
     before = hook_ids(gemma2)

@@ -23,7 +23,7 @@ from interventions import AlignmentError, InterventionError, Site
 from interventions.serialization import site_from_json
 
 ROOT = Path(__file__).resolve().parents[1]
-from saved_user_interventions import SIZE  # noqa: E402
+from saved_user_interventions import SIZE
 
 
 def trained(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -43,14 +43,24 @@ def examples():
     das = trained(iv.RotatedSubspace(SIZE, 4), 1).double()
     shared = das.with_subspace(slice(4, 7))
     low = trained(iv.LowRankRotatedSubspace(SIZE, 3), 2).double()
-    user = trained(GatedMix(SIZE, rotation=das.rotation, dims=[0, 5], init_gate=0.5,
-                            offset=torch.arange(SIZE, dtype=torch.float32)), 3).double()
+    user = trained(
+        GatedMix(
+            SIZE,
+            rotation=das.rotation,
+            dims=[0, 5],
+            init_gate=0.5,
+            offset=torch.arange(SIZE, dtype=torch.float32),
+        ),
+        3,
+    ).double()
     return {
         Site("layers.0.output", positions=[1, 3], dims=slice(0, SIZE)): das,
         Site("layers.1.output", positions=torch.tensor([[0], [2]])): shared,
         Site("layers.1.attention_heads", heads=[0, 2]): iv.Zero(),
         "layers.0.mlp_output": low,
-        Site("layers.0.attention_output", dims=[1, 2]): iv.Constant.mean_of(torch.randn(5, 2, dtype=torch.float64)),
+        Site("layers.0.attention_output", dims=[1, 2]): iv.Constant.mean_of(
+            torch.randn(5, 2, dtype=torch.float64)
+        ),
         "layers.1.mlp_output": iv.Add(torch.randn(SIZE), scale=0.5, trainable=True),
         Site("layers.0.input", positions=[2]): user,
         "layers.1.input": iv.RotatedDims(das.rotation, [2, 3]),
@@ -77,9 +87,19 @@ save_file(out, sys.argv[2], metadata={"sites": sites})
 def test_a_fresh_process_reproduces_every_output(tmp_path):
     saved = examples()
     iv.save_interventions(tmp_path / "saved", saved)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "saved"), str(tmp_path / "out.safetensors")],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, str(tmp_path / "saved"), str(tmp_path / "out.safetensors")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got, want = load_file(str(tmp_path / "out.safetensors")), outputs(saved)
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
@@ -108,15 +128,18 @@ def test_in_process_round_trip_keeps_sites_classes_sharing_and_training_state(tm
     before = hook_ids(gpt2)
     site = Site("layers.0.output", positions=[1, 3])
     base, source = tokens(2, 5, 1), tokens(2, 5, 2)
-    torch.testing.assert_close(iv.interchange(gpt2, base, source, site, intervention=das).logits,
-                               iv.interchange(gpt2, base, source, site, intervention=saved[list(saved)[0]]).logits)
+    torch.testing.assert_close(
+        iv.interchange(gpt2, base, source, site, intervention=das).logits,
+        iv.interchange(gpt2, base, source, site, intervention=saved[list(saved)[0]]).logits,
+    )
     assert hook_ids(gpt2) == before
 
 
 def test_low_rank_stores_and_saves_only_the_k_rows(tmp_path):
     low = trained(iv.LowRankRotatedSubspace(SIZE, 3), 5)
     assert {k: tuple(v.shape) for k, v in low.state_dict().items()} == {
-        "rotation.linear.parametrizations.weight.original": (3, SIZE)}
+        "rotation.linear.parametrizations.weight.original": (3, SIZE)
+    }
     assert sum(b.numel() for b in low.buffers()) == 0
     iv.save_interventions(tmp_path, {"layers.0.output": low})
     tensors = load_file(str(tmp_path / "tensors.safetensors"))
@@ -135,13 +158,18 @@ def test_user_subclasses_register_themselves():
         def forward(self, base, source=None):
             return base
 
-    assert iv.registry.registered()[f"{__name__}.test_user_subclasses_register_themselves.<locals>.Local"] is Local
+    assert (
+        iv.registry.registered()[f"{__name__}.test_user_subclasses_register_themselves.<locals>.Local"]
+        is Local
+    )
 
 
 # -- errors ----------------------------------------------------------------------------------------
 def _saved(tmp_path) -> Path:
-    return iv.save_interventions(tmp_path / "s", {"layers.0.output": iv.RotatedSubspace(SIZE, 2),
-                                                  "layers.1.output": iv.Add(torch.ones(SIZE))})
+    return iv.save_interventions(
+        tmp_path / "s",
+        {"layers.0.output": iv.RotatedSubspace(SIZE, 2), "layers.1.output": iv.Add(torch.ones(SIZE))},
+    )
 
 
 def _edit_json(path: Path, fn):
@@ -150,27 +178,58 @@ def _edit_json(path: Path, fn):
     (path / "interventions.json").write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("damage, file, match", [
-    (lambda p: (p / "interventions.json").write_text('{"format": "interventions.saved", "vers'),
-     "interventions.json", "damaged JSON"),
-    (lambda p: (p / "tensors.safetensors").write_bytes((p / "tensors.safetensors").read_bytes()[:40]),
-     "tensors.safetensors", "damaged safetensors"),
-    (lambda p: (p / "tensors.safetensors").unlink(), "tensors.safetensors", "missing or damaged"),
-    (lambda p: (p / "interventions.json").unlink(), "", "no interventions.json"),
-    (lambda p: _edit_json(p, lambda d: d["modules"]["0"].update({"class": "Unheard"})),
-     "interventions.json", "unknown intervention class 'Unheard'.*Known classes: .*RotatedSubspace"),
-    (lambda p: _edit_json(p, lambda d: d.update({"version": 99})), "interventions.json", "version 99"),
-    (lambda p: _edit_json(p, lambda d: d.update({"format": "other"})), "interventions.json", "not a saved"),
-    (lambda p: _edit_json(p, lambda d: d["entries"][0].update({"module": "42"})),
-     "interventions.json", "module '42' is referenced"),
-    (lambda p: _edit_json(p, lambda d: d["modules"]["0"].pop("args")), "interventions.json", "malformed"),
-    (lambda p: _edit_json(p, lambda d: d["modules"]["0"].update({"args": [SIZE, 0]})),
-     "interventions.json", "could not rebuild module 0"),
-    (lambda p: save_file({"2/state/vector": torch.ones(3)}, str(p / "tensors.safetensors")),
-     "tensors.safetensors", "missing from"),
-    (lambda p: save_file({**load_file(str(p / "tensors.safetensors")), "2/state/vector": torch.ones(3)},
-                         str(p / "tensors.safetensors")), "interventions.json", "do not fit"),
-])
+@pytest.mark.parametrize(
+    "damage, file, match",
+    [
+        (
+            lambda p: (p / "interventions.json").write_text('{"format": "interventions.saved", "vers'),
+            "interventions.json",
+            "damaged JSON",
+        ),
+        (
+            lambda p: (p / "tensors.safetensors").write_bytes((p / "tensors.safetensors").read_bytes()[:40]),
+            "tensors.safetensors",
+            "damaged safetensors",
+        ),
+        (lambda p: (p / "tensors.safetensors").unlink(), "tensors.safetensors", "missing or damaged"),
+        (lambda p: (p / "interventions.json").unlink(), "", "no interventions.json"),
+        (
+            lambda p: _edit_json(p, lambda d: d["modules"]["0"].update({"class": "Unheard"})),
+            "interventions.json",
+            "unknown intervention class 'Unheard'.*Known classes: .*RotatedSubspace",
+        ),
+        (lambda p: _edit_json(p, lambda d: d.update({"version": 99})), "interventions.json", "version 99"),
+        (
+            lambda p: _edit_json(p, lambda d: d.update({"format": "other"})),
+            "interventions.json",
+            "not a saved",
+        ),
+        (
+            lambda p: _edit_json(p, lambda d: d["entries"][0].update({"module": "42"})),
+            "interventions.json",
+            "module '42' is referenced",
+        ),
+        (lambda p: _edit_json(p, lambda d: d["modules"]["0"].pop("args")), "interventions.json", "malformed"),
+        (
+            lambda p: _edit_json(p, lambda d: d["modules"]["0"].update({"args": [SIZE, 0]})),
+            "interventions.json",
+            "could not rebuild module 0",
+        ),
+        (
+            lambda p: save_file({"2/state/vector": torch.ones(3)}, str(p / "tensors.safetensors")),
+            "tensors.safetensors",
+            "missing from",
+        ),
+        (
+            lambda p: save_file(
+                {**load_file(str(p / "tensors.safetensors")), "2/state/vector": torch.ones(3)},
+                str(p / "tensors.safetensors"),
+            ),
+            "interventions.json",
+            "do not fit",
+        ),
+    ],
+)
 def test_a_damaged_or_unknown_file_names_the_path_and_the_problem(tmp_path, damage, file, match):
     path = _saved(tmp_path)
     damage(path)
@@ -196,8 +255,11 @@ def test_unsaveable_things_fail_before_anything_is_written(tmp_path):
 
 
 # -- Alignment <-> JSON ---------------------------------------------------------------------------
-atoms = st.recursive(st.text(max_size=6) | st.integers(-10**12, 10**12),
-                     lambda inner: st.tuples(inner, inner) | st.tuples(inner), max_leaves=4)
+atoms = st.recursive(
+    st.text(max_size=6) | st.integers(-(10**12), 10**12),
+    lambda inner: st.tuples(inner, inner) | st.tuples(inner),
+    max_leaves=4,
+)
 ints = st.lists(st.integers(0, 40), min_size=1, max_size=3)
 sites = st.builds(
     Site,
@@ -206,7 +268,9 @@ sites = st.builds(
     heads=st.none() | ints,
     dims=st.none() | ints | st.tuples(st.integers(0, 8), st.integers(9, 20)).map(lambda t: slice(*t)),
 )
-alignments = st.dictionaries(atoms, st.lists(sites | atoms, min_size=1, max_size=3), max_size=4).map(iv.Alignment)
+alignments = st.dictionaries(atoms, st.lists(sites | atoms, min_size=1, max_size=3), max_size=4).map(
+    iv.Alignment
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -228,4 +292,6 @@ def test_alignment_json_errors():
     with pytest.raises(AlignmentError, match="format"):
         iv.Alignment.from_json('{"items": []}')
     with pytest.raises(AlignmentError, match="malformed"):
-        iv.Alignment.from_json('{"format": "interventions.Alignment", "version": 1, "items": [[{"x": 1}, ["a"]]]}')
+        iv.Alignment.from_json(
+            '{"format": "interventions.Alignment", "version": 1, "items": [[{"x": 1}, ["a"]]]}'
+        )

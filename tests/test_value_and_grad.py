@@ -65,8 +65,12 @@ def test_values_and_total_derivatives_match_the_oracle(tiny):
 
 def test_nested_sites_each_get_their_full_gradient(gpt2):
     """layers.0.output feeds layers.1.output: its gradient must include the paths through the later site."""
-    sites = [Site("layers.0.attention_output"), Site("layers.0.output"), Site("layers.1.output"),
-             Site("layers.1.output", positions=[1])]
+    sites = [
+        Site("layers.0.attention_output"),
+        Site("layers.0.output"),
+        Site("layers.1.output"),
+        Site("layers.1.output", positions=[1]),
+    ]
     result = iv.value_and_grad(gpt2, BASE, sites, logit_diff)
     _, want = oracle_grads(gpt2, BASE, sites, logit_diff)
     for site, g in zip(sites, want):
@@ -116,14 +120,20 @@ def test_a_metric_that_ignores_the_sites_has_zero_gradient(gpt2):
     assert torch.equal(result.grads["layers.1.output"], torch.zeros_like(result.values["layers.1.output"]))
     # the last position's logits do not depend on later positions' residual stream: zero there only
     r = iv.value_and_grad(gpt2, tokens(1, 6, 3), "layers.0.output", lambda l: l[0, 2, 1])
-    assert r.grads["layers.0.output"][:, 3:].abs().max() == 0 and r.grads["layers.0.output"][:, :3].abs().max() > 0
+    assert (
+        r.grads["layers.0.output"][:, 3:].abs().max() == 0
+        and r.grads["layers.0.output"][:, :3].abs().max() > 0
+    )
 
 
-@pytest.mark.parametrize("metric, match", [
-    (lambda logits: logits[:, -1, 3], r"0-dim tensor .* shape \(3,\)"),
-    (lambda logits: 1.5, "0-dim tensor .* float"),
-    (lambda logits: logits[:, -1].argmax(-1).sum(), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "metric, match",
+    [
+        (lambda logits: logits[:, -1, 3], r"0-dim tensor .* shape \(3,\)"),
+        (lambda logits: 1.5, "0-dim tensor .* float"),
+        (lambda logits: logits[:, -1].argmax(-1).sum(), "floating-point"),
+    ],
+)
 def test_a_metric_that_is_not_a_0dim_float_tensor_is_a_clear_error(gpt2, metric, match):
     before = hook_ids(gpt2)
     with pytest.raises(InterventionError, match=match):

@@ -11,7 +11,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "workflows.md"
 
 def test_workflows_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.S | re.M)
+    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.DOTALL | re.MULTILINE)
     assert len(blocks) >= 6
     namespace: dict = {}
     for i, block in enumerate(blocks):
