@@ -228,7 +228,6 @@ def _interface_wrapper(original: Callable, taps: dict[nn.Module, _Taps], eager_o
             return out, weights
         return _mix(new, value), new
 
-    attention.__wrapped_attention__ = original
     return attention
 
 
@@ -275,13 +274,17 @@ def _set_attr(obj, name: str, value):
             obj.__dict__.pop(name, None)
 
 
-def _registries() -> list[dict]:
-    """The dicts transformers looks attention functions up in (class-wide and the global instance's own)."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
-    return [AttentionInterface._global_mapping, ALL_ATTENTION_FUNCTIONS._local_mapping]
+def _registries(modeling_globals: list[dict]) -> list[dict]:
+    """The dicts transformers looks attention functions up in: the class-wide mapping, and the own
+    (local) mapping of the global registry and of any registry instance a modeling file defines."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    found = [AttentionInterface._global_mapping, ALL_ATTENTION_FUNCTIONS._local_mapping]
+    for g in modeling_globals:
+        local = getattr(g.get("ALL_ATTENTION_FUNCTIONS"), "_local_mapping", None)
+        if isinstance(local, dict) and all(local is not d for d in found):
+            found.append(local)
+    return found
 
 
 @contextmanager
@@ -308,7 +311,7 @@ def intercepted(items: list[tuple[AttentionSite, Tap]]):
                 if "eager_attention_forward" in g:
                     wrapped = _interface_wrapper(g["eager_attention_forward"], interface, eager_of)
                     stack.enter_context(_set_items(g, {"eager_attention_forward": wrapped}))
-            for registry in _registries():
+            for registry in _registries(list(globals_of.values())):
                 stack.enter_context(_set_items(registry, {
                     key: _interface_wrapper(fn, interface, eager_of) for key, fn in list(registry.items())}))
         for module, tap in taps.items():

@@ -209,7 +209,9 @@ def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) ->
         point = graph.point(site.name)
         if isinstance(value, torch.Tensor) and batch is not None and seq_len is not None:
             if point.kind == "pattern":
-                _precheck_pattern(graph, site, value, batch, seq_len)
+                cached = isinstance(inputs, Mapping) and inputs.get("past_key_values") is not None
+                if not cached:  # with a cache the key axis is longer than the inputs: checked at the hook
+                    _precheck_pattern(graph, site, value, batch, seq_len)
             else:
                 _precheck_value(graph, site, value, batch, seq_len)
         handlers.setdefault(site.name, []).append(_setter(site, value, point.layout))

@@ -286,3 +286,161 @@ def test_dims_out_of_range_name_the_width():
         with pytest.raises(SelectorError, match="no heads"):
             get_value(model, X, Site(site, heads=[0]))
     assert hook_ids(model) == before
+
+
+# -- attention internals: queries, keys, values, attention_pattern ------------------------------------
+# Oracles: algebra on the sites' own values (softmax(q·kᵀ·scale + mask) = pattern, pattern · values =
+# attention_heads), the masks written here from the config (causal, sliding window), and the model's
+# fast path (an explicit pattern at one layer leaves the logits unchanged).
+ATTN = ("queries", "keys", "values", "attention_pattern")
+
+
+def _model_type(name: str) -> str:
+    return A.VARIANTS.get(name, (name, {}))[0]
+
+
+def _attention_supported() -> list[str]:
+    from interventions.attention import UNSUPPORTED
+
+    return [n for n in A.NAMES if _model_type(n) not in UNSUPPORTED]
+
+
+def _window(config, layer: int):
+    """The sliding window of `layer` from the config (None: full causal attention)."""
+    if config.model_type == "gpt_neo":
+        return config.window_size if config.attention_layers[layer] == "local" else None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return config.sliding_window if types[layer] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _allowed(config, layer: int, seq: int) -> torch.Tensor:
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+    window = _window(config, layer)
+    if window is not None and window < seq:
+        allowed &= ~torch.ones(seq, seq, dtype=torch.bool).tril(-window)
+    return allowed
+
+
+def _attention_state(model, graph):
+    """The attention registry and every hooked modeling file's eager function (must be restored)."""
+    import inspect
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    eager = {}
+    for i in range(graph.num_layers):
+        g = inspect.unwrap(type(graph.point(f"layers.{i}.queries").module).forward).__globals__
+        eager[id(g)] = g.get("eager_attention_forward")
+    return dict(AttentionInterface._global_mapping), dict(ALL_ATTENTION_FUNCTIONS._local_mapping), eager
+
+
+def check_attention_pattern(model, graph, tol):
+    """The pattern is causal (sliding window respected), rows sum to 1, it equals softmax(q·kᵀ·scale
+    [soft-capped] + ALiBi + mask) recomputed from the queries and keys, and computing it
+    explicitly at one layer (the others on their fast path) leaves the logits unchanged."""
+    config, seq = model.config, X.shape[1]
+    state = _attention_state(model, graph)
+    for i in range(graph.num_layers):
+        q, k, v, p = layer_values(model, i, ATTN)
+        heads, kv = q.shape[2], k.shape[2]
+        assert p.shape == (2, heads, seq, seq) and v.shape == k.shape and heads % kv == 0
+        assert q.shape[:2] == k.shape[:2] == X.shape and q.shape[-1] == k.shape[-1]
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), **tol)
+        allowed = _allowed(config, i, seq)
+        assert p.masked_select(~allowed).abs().max() == 0, "weight outside the causal / sliding-window mask"
+        module = graph.point(f"layers.{i}.queries").module
+        scale = 1.0 if config.model_type == "gpt_neo" else getattr(module, "scaling", None) or q.shape[-1] ** -0.5
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(heads // kv, dim=2)) * scale
+        if config.model_type == "bloom":  # ALiBi: a per-head linear bias over key positions
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            alibi = build_alibi_tensor(torch.ones(2, seq, dtype=torch.long), heads, q.dtype)
+            scores = scores + alibi.view(2, heads, 1, seq)
+        cap = getattr(config, "attn_logit_softcapping", None)
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        recomputed = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        torch.testing.assert_close(recomputed.to(p.dtype), p, **tol)
+    clean = model(X).logits
+    with set_value(model, {f"layers.{graph.num_layers - 1}.attention_pattern": lambda cur: cur * 1.0}):
+        explicit = model(X).logits
+    torch.testing.assert_close(explicit, clean, rtol=1e-5, atol=1e-5)
+    assert _attention_state(model, graph) == state
+
+
+def check_pattern_mixes_values(model, graph, tol):
+    """pattern · values (repeated over GQA groups) = attention_heads; the identity pattern makes
+    attention_heads == values; zeroing the pattern zeroes attention_heads."""
+    for i in range(graph.num_layers):
+        v, p, z = layer_values(model, i, ("values", "attention_pattern", "attention_heads"))
+        v = v.repeat_interleave(p.shape[1] // v.shape[2], dim=2)
+        torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", p, v), z, **tol)
+        eye = torch.eye(X.shape[1], dtype=p.dtype).expand_as(p)
+        with set_value(model, {f"layers.{i}.attention_pattern": eye}):
+            (z_eye,) = layer_values(model, i, ("attention_heads",))
+        torch.testing.assert_close(z_eye, v, **tol)
+        with set_value(model, {f"layers.{i}.attention_pattern": Zero()}):
+            (z_zero,) = layer_values(model, i, ("attention_heads",))
+        assert z_zero.abs().max() == 0
+
+
+def check_qkv_writes(model, graph, tol):
+    """Writes reach the scores: identical keys, or zero queries, give uniform causal rows (BLOOM: the
+    softmax of its ALiBi bias alone); zero values zero the heads."""
+    seq = X.shape[1]
+    for i in range(graph.num_layers):
+        k_same = lambda k: k[:, :1].expand_as(k).clone()  # noqa: E731
+        for write in ({f"layers.{i}.keys": k_same}, {f"layers.{i}.queries": Zero()}):
+            with set_value(model, write):
+                (p,) = layer_values(model, i, ("attention_pattern",))
+            bias = torch.zeros(1, 1, 1, seq, dtype=p.dtype)  # equal scores: only the position bias is left
+            if model.config.model_type == "bloom":
+                from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+                bias = build_alibi_tensor(torch.ones(1, seq, dtype=torch.long), p.shape[1], p.dtype)
+                bias = bias.view(1, p.shape[1], 1, seq)
+            allowed = _allowed(model.config, i, seq)
+            expected = torch.softmax(bias.expand(1, p.shape[1], seq, seq).masked_fill(~allowed, float("-inf")), -1)
+            torch.testing.assert_close(p, expected.expand_as(p), **tol)
+    with set_value(model, {"layers.0.values": Zero()}):
+        (z,) = layer_values(model, 0, ("attention_heads",))
+    assert z.abs().max() == 0
+
+
+ATTENTION_IDENTITIES = [check_attention_pattern, check_pattern_mixes_values, check_qkv_writes]
+
+
+def _run_attention_identities(model):
+    model(X, output_hidden_states=True)
+    before = hook_ids(model)
+    graph = SiteGraph.from_model(model)
+    tol = A.tolerance(model)
+    for identity in ATTENTION_IDENTITIES:
+        identity(model, graph, tol)
+    assert hook_ids(model) == before
+
+
+@pytest.mark.parametrize("name", _attention_supported())
+def test_attention_identities(name):
+    """Under the model's default attention implementation (sdpa for most)."""
+    _run_attention_identities(tiny(name))
+
+
+@pytest.mark.parametrize("name", [n for n in _attention_supported()
+                                  if _model_type(n) not in ("gemma2", "gpt_neo", "bloom")])
+def test_attention_identities_under_eager(name):
+    """The same model built with attn_implementation="eager" (gemma2 is eager already: sdpa refuses its
+    soft-capping; gpt_neo and bloom compute attention inline whatever the implementation)."""
+    import transformers as tf
+
+    model = tiny(name)
+    torch.manual_seed(0)
+    eager = tf.AutoModelForCausalLM.from_config(A.config_for(name), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    eager = eager.to(next(model.parameters()).dtype).eval()
+    assert eager.config._attn_implementation == "eager"
+    _run_attention_identities(eager)

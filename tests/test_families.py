@@ -30,7 +30,8 @@ from interventions import (
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 LAYERS = 3
 KINDS = ("input", "attention_heads", "attention_output", "mlp_output", "output")
-ALL_KINDS = ("input", "attention_heads", "attention_output", "residual_mid", "mlp_hidden", "mlp_output", "output")
+ALL_KINDS = ("input", "queries", "keys", "values", "attention_pattern", "attention_heads", "attention_output",
+             "residual_mid", "mlp_hidden", "mlp_output", "output")
 COMMON = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
               "intermediate_size": 24, "max_position_embeddings": 40}
 
