@@ -103,7 +103,8 @@ class _QKFix:
         self.groups = heads // self.k_b.shape[2]
         module = graph.point(f"{name}.queries").module
         self.scaling = float(getattr(module, "scaling", None) or head_dim**-0.5)
-        self.mask = _additive_mask(base, seq, self.q_b)  # [b or 1, 1, q, k]
+        causal = bool(getattr(module, "is_causal", True))  # encoders (BERT) attend both ways
+        self.mask = _additive_mask(base, seq, self.q_b, causal)  # [b or 1, 1, q, k]
         self.scores = self.scaling * torch.einsum("bqhd,bkhd->bhqk", self.q_b, self._per_query_head(self.k_b))
         self.scores = self.scores + self.mask
         diff = (torch.softmax(self.scores, -1) - self.pattern.to(self.scores.dtype)).abs().max()
@@ -172,9 +173,10 @@ class _QKFix:
         return est.transpose(1, 2)
 
 
-def _additive_mask(inputs, seq: int, like: torch.Tensor) -> torch.Tensor:
-    """0 where a query may attend (causal, not padding), -inf elsewhere: [batch or 1, 1, q, k]."""
-    allowed = torch.ones(seq, seq, dtype=torch.bool, device=like.device).tril()[None, None]
+def _additive_mask(inputs, seq: int, like: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """0 where a query may attend (causal if `causal`, not padding), -inf elsewhere: [batch or 1, 1, q, k]."""
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=like.device)
+    allowed = (allowed.tril() if causal else allowed)[None, None]
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         allowed = allowed & mask.to(like.device).bool()[:, None, None, :]

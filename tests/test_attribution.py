@@ -164,7 +164,7 @@ def _pattern_change_oracle(model, base, source, name, positions, metric):
     vg = iv.value_and_grad(model, base, [pattern], metric)
     A, g = vg.values[pattern], vg.grads[pattern]
     src = iv.get_value(model, source, name)[name]
-    out = torch.zeros(base.shape[0], len(positions), src.shape[2], dtype=torch.float64)
+    out = torch.zeros(src.shape[0], len(positions), src.shape[2], dtype=torch.float64)
     for i, t in enumerate(positions):
         for h in range(src.shape[2]):
             with iv.set_value(model, {Site(name, positions=[t], heads=[h]): src[:, t : t + 1, h : h + 1]}):
@@ -221,6 +221,30 @@ def test_qk_fix_recomputes_the_pattern_exactly(tiny):
         tiny.config.num_key_value_heads if hasattr(tiny.config, "num_key_value_heads") else 4,
     )
     assert not torch.allclose(fixed[sites[0]], plain[sites[0]])
+
+
+def test_qk_fix_on_an_encoder_with_padding():
+    """BERT attends both ways; padded keys stay masked in the recomputed pattern."""
+    import transformers as tf
+    from conftest import randomise
+
+    config = tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=24, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    bert = randomise(tf.BertForMaskedLM(config)).double().eval()
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    base, source = ({"input_ids": tokens(3, 6, s), "attention_mask": mask} for s in (1, 2))
+
+    def metric(logits):
+        return (logits[:, 2, 3] - logits[:, 2, 5]).mean()
+
+    for name in ("layers.1.keys", "layers.0.queries"):
+        got = iv.attribution_patching(bert, base, source, name, metric, qk_fix=True)[name]
+        want = _pattern_change_oracle(bert, base, source, name, range(6), metric)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got.abs().max() > 0
 
 
 def saturated(scale: float, seed: int = 0):
