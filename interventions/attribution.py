@@ -174,7 +174,7 @@ class _QKFix:
 
 
 def _additive_mask(inputs, seq: int, like: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """0 where a query may attend (causal if `causal`, not padding), -inf elsewhere: [batch or 1, 1, q, k]."""
+    """0 where a query may attend (causal if `causal`; not padding), -inf elsewhere: [b or 1, 1, q, k]."""
     allowed = torch.ones(seq, seq, dtype=torch.bool, device=like.device)
     allowed = (allowed.tril() if causal else allowed)[None, None]
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
