@@ -119,7 +119,8 @@ class _QKFix:
                 "qk_fix recomputes the attention pattern as softmax(scores + causal/padding mask), with "
                 "scores = scaling * q k^T (scaling: the module's, 1/sqrt(head_dim) or 1; optionally "
                 f"soft-capped; optionally a sliding window); at {name} none of those reproduces "
-                f"{type(graph.model).__name__}'s own pattern (closest: max |diff| {best:.2e}; ALiBi and other score biases are not modelled). "
+                f"{type(graph.model).__name__}'s own pattern (closest: max |diff| {best:.2e}; ALiBi and "
+                "other score biases are not modelled). "
                 "Use qk_fix=False for this model."
             )
         self.clean = (self.grad * self.pattern).sum(-1)  # [b, heads, q]: the pattern's linear term per row
