@@ -61,8 +61,7 @@ def attribution_patching(
                 if site.dims is not None:
                     raise InterventionError(
                         f"qk_fix recomputes the pattern for whole query/key vectors; '{site.name}' has "
-                        f"dims={site.dims} "
-                        "(drop dims, or use qk_fix=False)."
+                        f"dims={site.dims} (drop dims, or use qk_fix=False)."
                     )
         if not fixed:
             raise InterventionError(
