@@ -152,7 +152,7 @@ def test_low_rank_stores_and_saves_only_the_k_rows(tmp_path):
 
 def test_low_rank_reads_a_state_saved_with_the_former_square_base():
     torch.manual_seed(3)
-    legacy = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(SIZE, 3, bias=False))  # the old storage
+    legacy = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(SIZE, 3, bias=False))  # old storage
     old_state = {f"rotation.linear.{k}": v for k, v in legacy.state_dict().items()}
     assert old_state["rotation.linear.parametrizations.weight.0.base"].shape == (SIZE, SIZE)
     low = iv.LowRankRotatedSubspace(SIZE, 3)
