@@ -332,3 +332,23 @@ def test_logits_after_the_head_are_respected():
             for layer in range(2)
         ])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_documented_sweep_example_runs():
+    """docs/workflows.md's patching-with-a-metric example runs as written, with the documented shapes."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "workflows.md").read_text()
+    section = text.split("## Activation patching with a metric: `patching_sweep`", 1)[1].split("\n## ", 1)[0]
+    scope: dict = {}
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "docs/workflows.md sweep", "exec"), scope)
+    assert scope["resid"].shape == (2, 8)
+    assert scope["heads"].shape == (2, 8, 4)
+    assert scope["mlps"].shape == (1, 2)
+    # patching every position at the last layer's output with the clean run gives the clean metric back
+    with torch.no_grad():
+        full = patching_sweep(scope["model"], scope["corrupted"], scope["clean"], layers=[-1], positions=[list(range(8))],
+                              metric=scope["logit_diff"])
+        clean = scope["logit_diff"](scope["model"](scope["clean"]).logits[:, -1])
+    torch.testing.assert_close(full[0, 0], clean, rtol=1e-5, atol=1e-6)
