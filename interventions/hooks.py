@@ -165,8 +165,11 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
     points = {name: graph.point(name) for name in names}  # resolve all first: errors before any hook
     try:
         if on_forward is not None:
+            # an encoder-decoder's inputs do not say how long its decoder's sequence is: no length then
+            sized = not getattr(getattr(graph.model, "config", None), "is_encoder_decoder", False)
             handles.append(graph.model.register_forward_pre_hook(
-                lambda module, args, kwargs: on_forward(cache_length(kwargs), _new_tokens(args, kwargs)),
+                lambda module, args, kwargs: on_forward(cache_length(kwargs), _new_tokens(args, kwargs) if sized
+                                                        else None),
                 with_kwargs=True))
         for name in names:
             handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
