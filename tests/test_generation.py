@@ -179,3 +179,34 @@ def test_the_documented_steering_example_runs():
     exec(compile(block, "docs/workflows.md steering", "exec"), scope)
     assert scope["steered"].shape == scope["plain"].shape
     assert not torch.equal(scope["steered"], scope["plain"])
+
+
+@pytest.mark.parametrize("form", ["context manager", "functional"])
+def test_a_manual_decode_step_indexes_the_full_sequence(gpt2, form):
+    """One decode step by hand (cache from a plain call): positions=[6] is the new token of a 7-token sequence,
+    and [2] (in the cache) is skipped — the same logits as the full 7-token forward with a hook at 6."""
+    ids = tokens(2, 7, seed=8)
+    value = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        cache = gpt2(ids[:, :6], use_cache=True).cache
+        step = {"input_ids": ids[:, 6:], "cache": cache, "use_cache": True}
+        values = {Site("layers.0.output", positions=[6]): value, Site("layers.1.output", positions=[2]): iv.Zero()}
+        if form == "functional":
+            got = set_value(gpt2, values, step).logits[:, -1]
+        else:
+            with set_value(gpt2, values):
+                got = gpt2(**step).logits[:, -1]
+
+        def hook(module, args, output):
+            output = output.clone()
+            output[:, 6] = value[:, 0]
+            return output
+
+        handle = gpt2.transformer.h[0].register_forward_hook(hook)
+        try:
+            expected = gpt2(ids, use_cache=False).logits[:, -1]
+        finally:
+            handle.remove()
+        plain = gpt2(ids, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-8)
+    assert (got - plain).abs().max() > 1e-3
