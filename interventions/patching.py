@@ -5,8 +5,9 @@ site (0..L for ``output``, 0..L-1 for a site inside block L) are replayed from t
 (`replay_blocks`, repeated over the copies) and only the rest runs, on a batch of patched copies of the
 clean batch: copy c of example e is row ``c * n + e``. Copies go through in chunks of about
 `chunk_tokens` tokens, which keeps activations cache-sized on a CPU. The output head runs only on each
-copy's readout position (a few chunks' readout states at a time), and with a `metric` each chunk's
-logits are reduced to metric values as they come, so memory does not grow with the number of copies.
+copy's readout position, on about `chunk_tokens` buffered readout states at a time (one head call on
+many rows, not one per forward), and with a `metric` those logits are reduced to metric values as they
+come, so memory does not grow with the number of copies.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .primitives import Inputs, _prepare, _shape, get_value
 from .sites import Site
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
-_HEAD_ROWS = 256  # readout states buffered before the (vocabulary-sized) head runs on them
 
 
 def _per_layer_names(graph: SiteGraph) -> list[str]:
@@ -294,7 +294,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
                 output = _run(model, graph, _repeat_inputs(base, n, copies), handlers,
                               stop_at=head_site if head_at_end else None)
             if head_at_end:
-                if sum(s.shape[0] for s in states) >= _HEAD_ROWS:
+                if sum(s.shape[0] for s in states) >= chunk_tokens:  # a chunk's worth of readout rows
                     flush()
                 continue
             states.clear()  # the model applied its head (and what follows it) itself

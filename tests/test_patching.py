@@ -17,7 +17,6 @@ from conftest import CONFIGS, VOCAB, hook_ids, randomise, tokens
 
 import oracles
 from interventions import Site, interchange, patching_sweep
-from interventions import patching as patching_module
 from interventions.errors import (
     InterventionError,
     SelectorError,
@@ -202,11 +201,11 @@ def test_bert_style_encoder_against_hand_written_hooks(site):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-8)
 
 
-def test_metric_values_are_reduced_chunk_by_chunk(monkeypatch):
-    """With a metric, readout logits become metric values as chunks come: the head never sees more than one
-    buffer of rows, and metrics are computed before the last patched forward (memory does not grow with copies)."""
+def test_metric_values_are_reduced_chunk_by_chunk():
+    """With a metric, readout logits become metric values as chunks come: the head never sees more than about
+    `chunk_tokens` rows at once, and metrics are computed before the last patched forward (memory does not grow
+    with the number of copies)."""
     model = deep_gpt2(4)
-    monkeypatch.setattr(patching_module, "_HEAD_ROWS", 8)
     events, head_rows = [], []
     handles = [model.transformer.h[3].register_forward_hook(lambda *a: events.append("forward")),
                model.lm_head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[0]))]
@@ -226,7 +225,7 @@ def test_metric_values_are_reduced_chunk_by_chunk(monkeypatch):
     assert events.count("metric") == n_copies + 1  # + the check on the clean run
     last_forward = max(i for i, e in enumerate(events) if e == "forward")
     assert events[:last_forward].count("metric") >= n_copies // 2  # most were reduced before the sweep ended
-    assert max(head_rows) <= 8 + 2  # one buffer plus one chunk (1 copy x 2 examples), never all 192 copies
+    assert max(head_rows) <= 2 * SEQ + 2  # chunk_tokens rows plus one chunk (1 copy x 2 examples), never all 192
     expected = oracle_sweep(model, base, source, range(4), [(p,) for p in range(SEQ)], torch.full((2,), SEQ - 1),
                             "attention_heads", metric=logit_diff)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-8)
