@@ -198,7 +198,54 @@ def head_sweep(s: HeadSweepSetup, results: dict) -> None:
     results["head_sweep_s"] = {k: round(v, 3) for k, v in times.items()}
 
 
-PARTS = {"head_sweep": lambda quick, results: head_sweep(HEAD_SWEEP_QUICK if quick else HEAD_SWEEP_FULL, results)}
+# -- sweep memory ---------------------------------------------------------------------------------
+_MEMORY_CHILD = """
+import resource, sys, warnings
+sys.path.insert(0, {root!r}); warnings.filterwarnings("ignore")
+import torch, transformers as tf
+tf.logging.set_verbosity_error(); torch.set_num_threads(1)
+from interventions import patching_sweep
+k, with_metric = {k}, {with_metric}
+torch.manual_seed(0)
+model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size={vocab}, n_positions=256,
+                                         use_cache=False)).eval()
+gen = torch.Generator().manual_seed(0)
+base, source = (torch.randint(0, {vocab}, ({batch}, {seq}), generator=gen) for _ in range(2))
+metric = (lambda logits: (logits[:, 1] - logits[:, 2]).mean()) if with_metric else None
+with torch.no_grad():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    patching_sweep(model, base, source, positions=list(range(k)), site="attention_heads", metric=metric)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def sweep_memory(quick: bool, results: dict) -> None:
+    """Peak memory (RSS growth, MB) of a head sweep as the number of patched positions grows, with and
+    without a metric: with one, each chunk is reduced as it comes; without, the returned logits grow."""
+    import subprocess
+
+    vocab, batch, seq, ks = (1000, 2, 16, (2, 8)) if quick else (50257, 4, 128, (2, 8, 32, 128))
+    no_metric_up_to = 8 if quick else 32  # without a metric the logits grow by definition (k=128: 3.3 GB)
+    root = str(Path(__file__).resolve().parents[1])
+    print(f"\nsweep memory: 4-layer width-128 GPT-2, vocab {vocab}, batch {batch} x {seq} tokens, "
+          "site attention_heads (4 heads), k positions; peak RSS growth of a fresh process (MB)")
+    print(f"{'k':>4}{'copies':>8}{'metric':>10}{'no metric':>11}")
+    for k in ks:
+        row = []
+        for with_metric in (True, False):
+            if not with_metric and k > no_metric_up_to:
+                row.append(float("nan"))
+                continue
+            code = _MEMORY_CHILD.format(root=root, k=k, with_metric=with_metric, vocab=vocab, batch=batch, seq=seq)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row.append(float(out.stdout.strip().splitlines()[-1]))
+        print(f"{k:>4}{4 * k * 4:>8}{row[0]:>10.0f}{row[1]:>11.0f}")
+        results[f"sweep_memory_mb_k{k}"] = {"metric": round(row[0]),
+                                            "no_metric": None if row[1] != row[1] else round(row[1])}
+
+
+PARTS = {"head_sweep": lambda quick, results: head_sweep(HEAD_SWEEP_QUICK if quick else HEAD_SWEEP_FULL, results),
+         "sweep_memory": sweep_memory}
 
 
 def main(argv=None) -> None:
