@@ -351,3 +351,23 @@ def test_the_documented_sweep_example_runs():
                               metric=scope["logit_diff"])
         clean = scope["logit_diff"](scope["model"](scope["clean"]).logits[:, -1])
     torch.testing.assert_close(full[0, 0], clean, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_with_repeat_equals_the_repeated_batch(gpt2):
+    """replay_blocks(repeat=r): a forward on r copies of the recorded batch, blocks 0..upto replayed, equals the
+    plain forward on those copies; a batch of the wrong size is refused."""
+    from interventions import record_blocks, replay_blocks
+
+    x = tokens(2, SEQ, seed=20)
+    with torch.no_grad():
+        with record_blocks(gpt2) as recording:
+            gpt2(x)
+        repeated = x.repeat(3, 1)
+        with replay_blocks(gpt2, recording, upto=0, repeat=3):
+            got = gpt2(repeated).logits
+        torch.testing.assert_close(got, gpt2(repeated).logits, rtol=0, atol=1e-10)
+        with pytest.raises(ShapeError, match="repeat 3"), replay_blocks(gpt2, recording, upto=1, repeat=3):
+            gpt2(x)
+    with pytest.raises(InterventionError, match="repeat must be a positive int"):
+        with replay_blocks(gpt2, recording, upto=0, repeat=0):
+            pass
