@@ -1,28 +1,30 @@
-"""Researcher workflows, timed side by side: one function per comparison, all in one process.
+"""Researcher workflows, side by side: this library vs TransformerLens, nnsight and hand-written hooks (one process).
 
-Run: ``python benchmarks/research.py [--quick] [--threads N] [--only NAME ...]``. One random GPT-2
-(4 layers, width 512, 8 heads; no downloads), CPU, a batch of 8 base/source prompt pairs of 16 tokens,
-metric = mean logit difference of two tokens at the last position. Each comparison checks that the
-outputs agree before anything is timed. The last output line is one JSON object with the ratios.
-Method and figures: docs/benchmarks.md ("Researcher workflows").
+Parts (``--only NAME``, repeatable; default all): ``head_sweep``, ``sweep_memory`` (below), and
+``attribution``, ``qk_fix`` (benchmarks/research_attribution.py: `attribution_patching` vs hand-written
+hooks + autograd, and the AtP* QK fix's false negatives on saturated attention).
 
-- ``attribution``: `iv.attribution_patching` at every layer's heads, MLP output and residual output vs
-  the same computed with hand-written torch hooks + `torch.autograd.grad` (goal: <= 1.2x).
-- ``qk_fix``: accuracy, not speed: on tiny GPT-2s whose layer-1 attention is saturated (queries scaled
-  up), how many of the (example, position, head) keys/queries that matter under real activation
-  patching plain attribution misses, and how many `qk_fix=True` (AtP*) still misses.
+Head sweep: activation patching of every attention head at every position in every layer, over a
+batch of prompt pairs, with a logit-difference metric — `patching_sweep(..., site="attention_heads",
+metric=...)` vs TransformerLens' `patching.get_act_patch_attn_head_out_by_pos` (on a
+`TransformerBridge` around the same weights) vs a loop of nnsight traces. Every peer's output is
+checked equal to ours before anything is timed. See docs/benchmarks.md.
+
+    python benchmarks/research.py --threads 1        # 4 layers, width 512, 8 heads, batch 8 x 16 tokens
+    python benchmarks/research.py --quick            # a tiny model: a smoke test of the whole script
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,302 +34,251 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 import transformers as tf
-from einops import rearrange
 
-import interventions as iv
+from interventions import patching_sweep
 
 tf.logging.set_verbosity_error()
-TOL = 1e-5
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Model size and workload."""
-
-    layers: int = 4
-    width: int = 512
-    heads: int = 8
-    vocab: int = 50257
-    batch: int = 8
-    seq: int = 16
-    repeats: int = 9
-
-
-FULL = Setup()
-QUICK = Setup(layers=2, width=128, heads=4, vocab=2000, batch=4, seq=8, repeats=5)
+TOL = 1e-4  # float32 logit differences of O(1); the peers' attention paths round differently
 CLOCK = time.perf_counter  # main() switches to process CPU time for single-threaded runs
 
 
-def build_model(s: Setup) -> tf.GPT2LMHeadModel:
-    """A random GPT-2 (no dropout, eval mode) from a config: no downloads."""
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def timed(fn):
+    """(result, seconds) of one call, on the benchmark's clock."""
+    start = CLOCK()
+    out = fn()
+    return out, CLOCK() - start
+
+
+# -- head sweep -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadSweepSetup:
+    """Model size and workload of the head-patching sweep."""
+
+    layers: int
+    width: int
+    heads: int
+    vocab: int
+    batch: int
+    seq: int
+
+
+HEAD_SWEEP_FULL = HeadSweepSetup(layers=4, width=512, heads=8, vocab=50257, batch=8, seq=16)
+HEAD_SWEEP_QUICK = HeadSweepSetup(layers=2, width=64, heads=4, vocab=1000, batch=2, seq=6)
+
+
+def head_sweep_model(s: HeadSweepSetup) -> tf.GPT2LMHeadModel:
+    """A random GPT-2 from a config (no downloads, no dropout, no key/value cache, eval mode)."""
     torch.manual_seed(0)
-    config = tf.GPT2Config(
-        n_layer=s.layers,
-        n_embd=s.width,
-        n_head=s.heads,
-        vocab_size=s.vocab,
-        n_positions=256,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    config = tf.GPT2Config(n_layer=s.layers, n_embd=s.width, n_head=s.heads, vocab_size=s.vocab, n_positions=256,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                           bos_token_id=0, eos_token_id=0)
     return tf.GPT2LMHeadModel(config).eval()
 
 
-def prompts(s: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+def head_sweep_inputs(s: HeadSweepSetup):
+    """Clean and corrupted prompts [batch, seq] and each pair's correct / wrong answer token."""
     gen = torch.Generator().manual_seed(1)
-    return (
-        torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen),
-        torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen),
-    )
+    clean = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen)
+    corrupted = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen)
+    correct = torch.randint(0, s.vocab, (s.batch,), generator=gen)
+    wrong = torch.randint(0, s.vocab, (s.batch,), generator=gen)
+    return clean, corrupted, correct, wrong
 
 
-def logit_diff(logits: torch.Tensor) -> torch.Tensor:
-    return (logits[:, -1, 11] - logits[:, -1, 13]).mean()
+def head_sweep_flops(s: HeadSweepSetup) -> dict[str, float]:
+    """FLOPs each method must do (multiply-add = 2; norms, embeddings and element-wise ops ignored)."""
+    block = 24 * s.width ** 2 + 4 * s.seq * s.width  # one block on one token
+    head = 2 * s.width * s.vocab  # the LM head on one position
+    tokens = s.batch * s.seq
+    full_run = tokens * s.layers * block + tokens * head
+    patches = s.layers * s.seq * s.heads
+    # ours: source (headless) + clean run (head at the readout) + per layer L the copies through blocks L..
+    copies = s.seq * s.heads * tokens * sum(s.layers - layer for layer in range(s.layers))
+    ours = tokens * s.layers * block * 2 + s.batch * head + copies * block + patches * s.batch * head
+    return {"ours": ours, "transformer_lens": (patches + 1) * full_run, "nnsight": patches * full_run
+            + tokens * s.layers * block}
 
 
-def median_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median time (s) of each run after `warmup` untimed calls; runs interleaved round by round."""
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def head_sweep(s: HeadSweepSetup, results: dict) -> None:
+    """Time the head-patching sweep of ours against TransformerLens and nnsight; print a table."""
+    model = head_sweep_model(s)
+    clean, corrupted, correct, wrong = head_sweep_inputs(s)
+    rows = torch.arange(s.batch)
 
+    def logit_diff(logits):  # ours: logits at the readout [batch, vocab]
+        return (logits[rows, correct] - logits[rows, wrong]).mean()
 
-def max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-# -- attribution patching -------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def handwritten_attribution(model, base, source, metric) -> dict[str, torch.Tensor]:
-    """As lean as we can write it by hand: raw torch hooks on GPT-2's modules, autograd on captured values.
-
-    Source: one no-grad forward that stops (an exception from the last hook) after the last block, so
-    no LM head. Base: one forward capturing each value (made a leaf where nothing upstream needs grad),
-    one `torch.autograd.grad`. Heads are c_proj's input viewed per head.
-    """
-    heads, blocks = model.config.n_head, model.transformer.h
-    points = []
-    for i, block in enumerate(blocks):
-        points += [
-            (f"layers.{i}.attention_heads", block.attn.c_proj, "pre"),
-            (f"layers.{i}.mlp_output", block.mlp, "out"),
-            (f"layers.{i}.output", block, "out"),
-        ]
-    last = points[-1][0]
-
-    def install(fn):
-        handles = []
-        for name, mod, kind in points:
-            if kind == "pre":
-
-                def pre(m, args, name=name):
-                    v = fn(name, rearrange(args[0], "b s (h d) -> b s h d", h=heads))
-                    return (rearrange(v, "b s h d -> b s (h d)"),)
-
-                handles.append(mod.register_forward_pre_hook(pre))
-            else:
-
-                def post(m, args, out, name=name):
-                    first = out[0] if isinstance(out, tuple) else out
-                    v = fn(name, first)
-                    return (v, *out[1:]) if isinstance(out, tuple) else v
-
-                handles.append(mod.register_forward_hook(post))
-        return handles
-
-    src: dict[str, torch.Tensor] = {}
-
-    def read(name, v):
-        src[name] = v
-        if name == last:
-            raise _Stop
-        return v
-
-    handles = install(read)
-    try:
-        with torch.no_grad():
-            model(source)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(name, v):
-        if not v.requires_grad:
-            v = v.detach().requires_grad_()
-        got[name] = v
-        return v
-
-    handles = install(keep)
-    try:
-        value = metric(model(base).logits)
-    finally:
-        for h in handles:
-            h.remove()
-    names = list(got)
-    grads = torch.autograd.grad(value, [got[n] for n in names])
-    return {n: ((src[n] - got[n].detach()) * g).sum(-1) for n, g in zip(names, grads)}
-
-
-def attribution(s: Setup, model) -> dict:
-    """attribution_patching at every layer's attention_heads, mlp_output and output vs hand-written hooks."""
-    base, source = prompts(s)
-    sites = [
-        f"layers.{i}.{part}" for i in range(s.layers) for part in ("attention_heads", "mlp_output", "output")
-    ]
+    def logit_diff_last(logits):  # the peers: all logits [batch, seq, vocab]
+        return logit_diff(logits[:, -1])
 
     def ours():
-        return iv.attribution_patching(model, base, source, sites, logit_diff)
+        return patching_sweep(model, corrupted, clean, site="attention_heads", metric=logit_diff)
 
-    def handwritten():
-        return handwritten_attribution(model, base, source, logit_diff)
+    runs, check = {"ours": ours}, {}
+    try:
+        from transformer_lens import patching as tl_patching
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+    except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, never silently dropped
+        print(f"NOTE: transformer_lens could not be loaded ({type(e).__name__}: {e}); left out")
+    else:
+        tl_patching.tqdm = lambda it, **_: it  # silence its progress bar (output only)
+        bridge = build_bridge_from_module(copy.deepcopy(model), "GPT2LMHeadModel", hf_config=model.config).eval()
 
-    diff = max_diff(handwritten(), {k.name: v for k, v in ours().items()})
-    if diff > TOL:
-        raise SystemExit(f"attribution: ours and the hand-written version differ by {diff:.2e} (> {TOL})")
-    times = median_times({"ours": ours, "handwritten": handwritten}, s.repeats)
-    ratio = times["ours"] / times["handwritten"]
-    print(
-        f"attribution patching, {len(sites)} sites, batch {s.batch} x {s.seq} tokens (max|diff| {diff:.1e})"
-    )
-    print(f"  ours        {times['ours'] * 1e3:8.1f} ms")
-    print(f"  handwritten {times['handwritten'] * 1e3:8.1f} ms")
-    print(f"  ratio ours / handwritten = {ratio:.3f}  (goal <= 1.2)")
-    return {
-        "attribution_ours_s": times["ours"],
-        "attribution_handwritten_s": times["handwritten"],
-        "attribution_ratio": ratio,
-        "attribution_max_diff": diff,
-    }
+        def transformer_lens(index_df=None):
+            _, cache = bridge.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+            if index_df is None:
+                return tl_patching.get_act_patch_attn_head_out_by_pos(bridge, corrupted, cache, logit_diff_last)
+            return tl_patching.generic_activation_patch(bridge, corrupted, cache, logit_diff_last,
+                                                        tl_patching.layer_pos_head_vector_patch_setter, "z",
+                                                        index_df=index_df)
 
+        runs["transformer_lens"] = transformer_lens
+        check["transformer_lens"] = transformer_lens
+    try:
+        import nnsight
+    except Exception as e:  # noqa: BLE001
+        print(f"NOTE: nnsight could not be loaded ({type(e).__name__}: {e}); left out")
+    else:
+        traced = nnsight.NNsight(copy.deepcopy(model))  # it rewraps every forward: a copy
+        blocks, dh = traced.transformer.h, s.width // s.heads
 
-# -- AtP*'s QK fix under saturated attention ------------------------------------------------------------
-def saturated_model(scale: float, seed: int) -> tf.GPT2LMHeadModel:
-    """A tiny float64 GPT-2 (2 layers, width 64, 4 heads), weights N(0, 0.3), layer-1 queries x `scale`."""
-    torch.manual_seed(seed)
-    config = tf.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=50,
-        n_positions=32,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = tf.GPT2LMHeadModel(config).double().eval()
-    gen = torch.Generator().manual_seed(seed)
+        def nnsight_loop(cells=None):
+            with traced.trace(clean) as tracer:  # the heads' outputs = the input of each c_proj
+                z = nnsight.save([blocks[layer].attn.c_proj.input for layer in range(s.layers)])
+                tracer.stop()
+            cells = cells or [(la, p, h) for la in range(s.layers) for p in range(s.seq) for h in range(s.heads)]
+            out = torch.zeros(s.layers, s.seq, s.heads)
+            for layer, p, h in cells:
+                cols = slice(h * dh, (h + 1) * dh)
+                with traced.trace(corrupted):
+                    blocks[layer].attn.c_proj.input[:, p, cols] = z[layer][:, p, cols]
+                    value = logit_diff_last(traced.output.logits).save()
+                out[layer, p, h] = value
+            return out
+
+        runs["nnsight"] = nnsight_loop
+        check["nnsight"] = nnsight_loop
+
+    # Agreement before timing: ours in full, each peer on a subset of cells (first / last layer and
+    # position, all heads); then the timed full runs are compared again.
+    import pandas as pd
+
+    cells = [(la, p, h) for la in {0, s.layers - 1} for p in {0, s.seq - 1} for h in range(s.heads)]
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.copy_(
-                0.3 * noise if p.dim() >= 2 else (1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
-            )
-        attn = model.transformer.h[1].attn.c_attn
-        attn.weight[:, :64] *= scale
-        attn.bias[:64] *= scale
-    return model
+        reference = ours()
+        for name, fn in check.items():
+            if name == "transformer_lens":
+                got = fn(pd.DataFrame(cells, columns=["layer", "pos", "head"]))
+                expected = torch.stack([reference[c] for c in cells])
+            else:
+                got = fn(cells)[tuple(torch.tensor(cells).T)]
+                expected = torch.stack([reference[c] for c in cells])
+            diff = (got.float() - expected.float()).abs().max().item()
+            assert diff <= TOL, f"head sweep: {name} disagrees with ours on {len(cells)} cells: {diff:.3g} > {TOL}"
+        times, diffs = {}, {}
+        for name, fn in runs.items():
+            out, times[name] = timed(fn)
+            diffs[name] = (out.float() - reference.float()).abs().max().item()
+            assert diffs[name] <= TOL, f"head sweep: {name} disagrees with ours: max abs diff {diffs[name]:.3g}"
+    floors = head_sweep_flops(s)
+    patches = s.layers * s.seq * s.heads
+    print(f"\nhead sweep: layers.{{0..{s.layers - 1}}}.attention_heads x {s.seq} positions x {s.heads} heads "
+          f"({patches} patches), batch of {s.batch} pairs x {s.seq} tokens, metric: mean logit difference")
+    print(f"{'tool':<20}{'s':>10}{'tool/ours':>11}{'floor':>8}{'max|diff|':>11}")
+    for name, t in times.items():
+        floor = floors[name] / floors["ours"]
+        print(f"{name:<20}{t:>10.2f}{t / times['ours']:>11.2f}{floor:>8.2f}{diffs[name]:>11.2g}")
+        results[f"head_sweep_floor_vs_{name}"] = round(floor, 2)
+        results[f"head_sweep_diff_{name}"] = diffs[name]
+        if name != "ours":
+            results[f"head_sweep_speedup_vs_{name}"] = round(t / times["ours"], 2)
+    results["head_sweep_s"] = {k: round(v, 3) for k, v in times.items()}
 
 
-def qk_fix(s: Setup, model) -> dict:
-    """False negatives of plain attribution vs qk_fix=True, both against real patching per node."""
-    rows, out = [], {}
-    per_example = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]
-    metric = lambda logits: per_example(logits).mean()
-    for scale in (1.0, 10.0, 30.0):
-        for seed in range(3):
-            m = saturated_model(scale, seed)
-            gen = torch.Generator().manual_seed(100 + seed)
-            base, source = (torch.randint(0, 50, (8, 8), generator=gen) for _ in range(2))
-            top = float(
-                iv.get_value(m, base, "layers.1.attention_pattern")["layers.1.attention_pattern"]
-                .amax(-1)
-                .mean()
-            )
-            clean = per_example(m(base).logits)
-            for kind in ("keys", "queries"):
-                name = f"layers.1.{kind}"
-                plain = iv.attribution_patching(m, base, source, name, metric)[name]
-                fixed = iv.attribution_patching(m, base, source, name, metric, qk_fix=True)[name]
-                real = torch.zeros_like(plain)
-                with torch.no_grad():
-                    for t in range(base.shape[1]):
-                        for h in range(real.shape[2]):
-                            patched = iv.interchange(m, base, source, iv.Site(name, positions=[t], heads=[h]))
-                            real[:, t, h] = (per_example(patched.logits) - clean) / base.shape[0]
-                threshold = 0.1 * real.abs().max()
-                matters = real.abs() > threshold
-                row = dict(
-                    scale=scale,
-                    seed=seed,
-                    kind=kind,
-                    top_prob=top,
-                    matter=int(matters.sum()),
-                    missed_plain=int((matters & (plain.abs() < threshold)).sum()),
-                    missed_fixed=int((matters & (fixed.abs() < threshold)).sum()),
-                    l1_plain=float((plain - real).abs().sum() / real.abs().sum()),
-                    l1_fixed=float((fixed - real).abs().sum() / real.abs().sum()),
-                )
-                rows.append(row)
-    print(
-        "qk_fix: (example, position, head) nodes of layer 1 with |real effect| > 10% of the largest; "
-        "missed = |estimate| below that threshold"
-    )
-    print("  scale  mean max attn  kind     matter  missed plain  missed qk_fix  rel. L1 err plain  qk_fix")
-    for scale in (1.0, 10.0, 30.0):
-        for kind in ("keys", "queries"):
-            rs = [r for r in rows if r["scale"] == scale and r["kind"] == kind]
-            agg = {k: sum(r[k] for r in rs) for k in ("matter", "missed_plain", "missed_fixed")}
-            top = statistics.mean(r["top_prob"] for r in rs)
-            l1p, l1f = (statistics.mean(r[k] for r in rs) for k in ("l1_plain", "l1_fixed"))
-            print(
-                f"  {scale:5.0f}  {top:13.3f}  {kind:7s}  {agg['matter']:6d}  {agg['missed_plain']:12d}  "
-                f"{agg['missed_fixed']:13d}  {l1p:17.3f}  {l1f:6.3f}"
-            )
-            out[f"qk_fix_scale{scale:g}_{kind}"] = {**agg, "l1_plain": l1p, "l1_fixed": l1f, "top_prob": top}
-    return out
+# -- sweep memory ---------------------------------------------------------------------------------
+_MEMORY_CHILD = """
+import resource, sys, warnings
+sys.path.insert(0, {root!r}); warnings.filterwarnings("ignore")
+import torch, transformers as tf
+tf.logging.set_verbosity_error(); torch.set_num_threads(1)
+from interventions import patching_sweep
+k, with_metric = {k}, {with_metric}
+torch.manual_seed(0)
+model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size={vocab}, n_positions=256,
+                                         use_cache=False)).eval()
+gen = torch.Generator().manual_seed(0)
+base, source = (torch.randint(0, {vocab}, ({batch}, {seq}), generator=gen) for _ in range(2))
+metric = (lambda logits: (logits[:, 1] - logits[:, 2]).mean()) if with_metric else None
+with torch.no_grad():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    patching_sweep(model, base, source, positions=list(range(k)), site="attention_heads", metric=metric)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
 
 
-COMPARISONS = {"attribution": attribution, "qk_fix": qk_fix}
+def sweep_memory(quick: bool, results: dict) -> None:
+    """Peak memory (RSS growth, MB) of a head sweep as the number of patched positions grows, with and
+    without a metric: with one, each chunk is reduced as it comes; without, the returned logits grow."""
+    import subprocess
+
+    vocab, batch, seq, ks = (1000, 2, 16, (2, 8)) if quick else (50257, 4, 128, (2, 8, 32, 128))
+    no_metric_up_to = 8 if quick else 32  # without a metric the logits grow by definition (k=128: 3.3 GB)
+    root = str(Path(__file__).resolve().parents[1])
+    print(f"\nsweep memory: 4-layer width-128 GPT-2, vocab {vocab}, batch {batch} x {seq} tokens, "
+          "site attention_heads (4 heads), k positions; peak RSS growth of a fresh process (MB)")
+    print(f"{'k':>4}{'copies':>8}{'metric':>10}{'no metric':>11}")
+    for k in ks:
+        row = []
+        for with_metric in (True, False):
+            if not with_metric and k > no_metric_up_to:
+                row.append(float("nan"))
+                continue
+            code = _MEMORY_CHILD.format(root=root, k=k, with_metric=with_metric, vocab=vocab, batch=batch, seq=seq)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row.append(float(out.stdout.strip().splitlines()[-1]))
+        print(f"{k:>4}{4 * k * 4:>8}{row[0]:>10.0f}{row[1]:>11.0f}")
+        results[f"sweep_memory_mb_k{k}"] = {"metric": round(row[0]),
+                                            "no_metric": None if row[1] != row[1] else round(row[1])}
+
+
+def _attribution_part(name: str):
+    def run(quick: bool, results: dict) -> None:
+        import research_attribution as bench  # beside this file
+
+        bench.CLOCK = CLOCK
+        s = bench.QUICK if quick else bench.FULL
+        results.update(bench.COMPARISONS[name](s, bench.build_model(s)))
+    return run
+
+
+PARTS = {"head_sweep": lambda quick, results: head_sweep(HEAD_SWEEP_QUICK if quick else HEAD_SWEEP_FULL, results),
+         "sweep_memory": sweep_memory, "attribution": _attribution_part("attribution"),
+         "qk_fix": _attribution_part("qk_fix")}
 
 
 def main(argv=None) -> None:
-    global CLOCK
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model and batch (seconds)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (1: timed in process CPU time)"
-    )
-    parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), help="run only these comparisons")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the whole script")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; timed in process CPU time)")
+    parser.add_argument("--only", choices=sorted(PARTS), action="append", help="run only these parts")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count())
-    if args.threads == 1:
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.threads == 1:  # CPU time of this process: what the work costs, not how long others held the core
         CLOCK = time.process_time
-    s = QUICK if args.quick else FULL
-    model = build_model(s)
-    print(
-        f"GPT-2 {s.layers} layers, width {s.width}, {s.heads} heads, vocab {s.vocab}; "
-        f"torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), clock {CLOCK.__name__}"
-    )
-    results = {"setup": s.__dict__, "threads": torch.get_num_threads()}
-    for name in args.only or COMPARISONS:
-        results.update(COMPARISONS[name](s, model))
+    print(f"torch {torch.__version__}, transformers {tf.__version__}, transformer-lens "
+          f"{_version('transformer-lens')}, nnsight {_version('nnsight')}; {torch.get_num_threads()} thread(s), "
+          f"{'process CPU time' if args.threads == 1 else 'wall time'}, load average {os.getloadavg()[0]:.1f}")
+    results: dict = {"quick": args.quick}
+    for name in args.only or list(PARTS):
+        PARTS[name](args.quick, results)
     print(json.dumps(results))
 
 

@@ -10,7 +10,7 @@ Sites inside blocks 0..L (their input, attention, MLP) are not reached while the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -108,12 +108,28 @@ def _input_tensor(args, kwargs):
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
+def _repeated(output, repeat: int):
+    """`output` with its main tensor repeated `repeat` times along the batch (copy-major rows), not mutated."""
+    if repeat == 1:
+        return output
+    t = _first(output)
+    new = t.expand(repeat, *t.shape[1:]) if t.shape[0] == 1 else t.repeat(repeat, *[1] * (t.dim() - 1))
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, Mapping):
+        copy = type(output)(output)
+        copy[next(k for k, v in output.items() if v is t)] = new
+        return copy
+    return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
+
+
 @contextmanager
-def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int):
+def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int, repeat: int = 1):
     """Blocks 0..`upto` return their recorded outputs instead of running (forward hooks still fire).
 
-    ``upto=-1`` replays nothing.
-    The inputs of the replayed forward must have the recorded batch and sequence shape.
+    ``upto=-1`` replays nothing. The inputs of the replayed forward must have the recorded batch and
+    sequence shape; with ``repeat=r``, the recorded batch repeated r times (row ``c * batch + e`` is
+    example e), and the replayed outputs are repeated likewise — a batch of r copies of the recorded run.
     """
     blocks = _blocks(model)
     if not isinstance(recording, BlockRecording):
@@ -125,6 +141,8 @@ def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int):
         )
     if not -1 <= upto < len(blocks):
         raise InterventionError(f"upto={upto} out of range: the model has {len(blocks)} blocks (valid -1..{len(blocks) - 1})")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise InterventionError(f"repeat must be a positive int, got {repeat!r}")
     layers = list(range(upto + 1))
     missing = [i for i in layers if i not in recording]
     if missing:
@@ -132,16 +150,19 @@ def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int):
                                 f"{sorted(recording.outputs)})")
 
     def make(i, forward):
-        expected = tuple(recording.value(i).shape[:2])
+        batch, seq = recording.value(i).shape[:2]
+        expected = (batch * repeat, seq)
+        output = _repeated(recording.outputs[i], repeat)
 
         def replayed(*args, **kwargs):
             x = _input_tensor(args, kwargs)
             if x is not None and tuple(x.shape[:2]) != expected:
                 raise ShapeError(
                     f"replaying block {i}: its input has batch/sequence shape {tuple(x.shape[:2])}, the recording "
-                    f"{expected}; replay only on the inputs that were recorded."
+                    f"{expected} (recorded batch {batch} x repeat {repeat}); replay only on the inputs that were "
+                    "recorded."
                 )
-            return recording.outputs[i]
+            return output
         return replayed
 
     with _patched(blocks, layers, make):

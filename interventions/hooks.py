@@ -150,9 +150,48 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
     return extra + [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
 
+def cache_length(kwargs: Mapping) -> int:
+    """Tokens already in the key/value cache of a model call (0 for a plain call), from its keyword arguments.
+
+    Read from ``cache_position`` where given, else from the cache object (``cache`` / ``past_key_values``:
+    a transformers `Cache` or a legacy tuple of per-layer (key, value) pairs).
+    """
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])
+    return 0
+
+
+def _new_tokens(args, kwargs) -> int | None:
+    """How many tokens a model call computes: the sequence axis of its input ids / embeddings, if known."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return args[0].shape[1]
+    return None
+
+
+OnForward = Callable[[int, "int | None"], None]
+
+
 @contextmanager
-def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_after: Iterable[str] = ()):
-    """Install `handlers` (site name -> handlers applied in order) for the duration of the block."""
+def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_after: Iterable[str] = (),
+           on_forward: OnForward | None = None):
+    """Install `handlers` (site name -> handlers applied in order) for the duration of the block.
+
+    `on_forward(cached, new)`, if given, runs at the start of every call of the model (before any site):
+    `cached` tokens are in its key/value cache, `new` (None if unknown) are computed by this call.
+    """
     pending = set(stop_after)
     handles = []
 
@@ -175,6 +214,13 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
                for_site(name, list(handlers.get(name, ()))))
               for name, p in points.items() if p.kind in attention.ATTENTION_KINDS]
     try:
+        if on_forward is not None:
+            # an encoder-decoder's inputs do not say how long its decoder's sequence is: no length then
+            sized = not getattr(getattr(graph.model, "config", None), "is_encoder_decoder", False)
+            handles.append(graph.model.register_forward_pre_hook(
+                lambda module, args, kwargs: on_forward(cache_length(kwargs), _new_tokens(args, kwargs) if sized
+                                                        else None),
+                with_kwargs=True))
         with ExitStack() as stack:
             for name in names:
                 if points[name].kind not in attention.ATTENTION_KINDS:

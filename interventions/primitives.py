@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import InterventionError, SelectorError, ShapeError
 from .graph import HEAD_KINDS, SiteGraph, check_dims
-from .hooks import Handler, call, hooked, run_until
+from .hooks import Handler, cache_length, call, hooked, run_until
 from .sites import Layout, Site, SiteLike, as_site, select, write
 
 Inputs = Union[torch.Tensor, Mapping]
@@ -154,11 +154,71 @@ def _precheck_pattern(graph: SiteGraph, site: Site, value: torch.Tensor, batch: 
     _require_shape(site, value, _selected_shape(site, shape, point.layout), point.layout)
 
 
-def _setter(site: Site, value: Value, layout: Layout = Layout.TOKENS) -> Handler:
+class _Tokens:
+    """Where the current forward's tokens sit in the full sequence: `cached` in the key/value cache before them."""
+
+    def __init__(self, sites: Sequence[Site]):
+        self.sites = sites
+        self.cached = 0
+
+    def on_forward(self, cached: int, new: int | None) -> None:
+        """At each model call, before any site: note the cache length; check positions on the full length."""
+        self.cached = cached
+        if new is None:
+            return
+        total = cached + new
+        for site in self.sites:
+            if isinstance(site.positions, torch.Tensor) and cached:
+                raise SelectorError(
+                    f"per-example positions for '{site.name}' under a key/value cache ({cached} cached tokens) are "
+                    "not supported; use a list of ints (they index the full sequence, cached tokens included)."
+                )
+            if isinstance(site.positions, tuple):
+                bad = [p for p in site.positions if not -total <= p < total]
+                if bad:
+                    raise SelectorError(
+                        f"positions {bad} out of range for '{site.name}': the sequence has {total} positions "
+                        f"({cached} in the key/value cache, {new} computed in this call; valid 0..{total - 1}, "
+                        "or negative from the end)."
+                    )
+
+    def here(self, site: Site, length: int) -> tuple[Site | None, list[int] | None]:
+        """`site` with its positions in this forward's own tokens (None if all lie in the cache), and which of
+        the selected positions are kept (None: all). Non-negative positions index the full sequence, negative
+        ones count back from its end; a position in the cache was set when it was computed, so it is skipped."""
+        pos = site.positions
+        if not isinstance(pos, tuple):
+            return site, None
+        total = self.cached + length
+        absolute = [p if p >= 0 else total + p for p in pos]
+        bad = [p for p, a in zip(pos, absolute) if not 0 <= a < total]
+        if bad:
+            raise SelectorError(
+                f"positions {bad} out of range for '{site.name}': the sequence has {total} positions "
+                f"({self.cached} in the key/value cache; valid 0..{total - 1}, or negative from the end)."
+            )
+        keep = [k for k, a in enumerate(absolute) if a >= self.cached]
+        if not keep:
+            return None, None
+        local = tuple(absolute[k] - self.cached for k in keep)
+        return (site if local == pos else site.with_positions(local)), (keep if len(keep) < len(pos) else None)
+
+
+def _setter(site: Site, value: Value, layout: Layout = Layout.TOKENS, tokens: _Tokens | None = None) -> Handler:
+    axis = layout.positions
+
     def handler(full: torch.Tensor):
-        new = value(select(full, site, layout)) if callable(value) else value
-        _check_value(site, full, new, layout)
-        return write(full, site, new, layout)
+        here, keep = (site, None) if tokens is None or full.dim() < 3 else tokens.here(site, full.shape[axis])
+        if here is None:
+            return None  # every selected position lies in the key/value cache: set when it was computed
+        if callable(value):
+            new = value(select(full, here, layout))
+        elif keep is None or value.dim() <= axis:
+            new = value
+        else:
+            new = value.index_select(axis, torch.tensor(keep, device=value.device))
+        _check_value(here, full, new, layout)
+        return write(full, here, new, layout)
     return handler
 
 
@@ -194,10 +254,13 @@ def get_value(model: nn.Module, inputs: Inputs, sites) -> dict[Site, torch.Tenso
 
 
 # -- set_value ----------------------------------------------------------------------------------
-def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) -> dict[str, list[Handler]]:
+def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) -> tuple[dict[str, list[Handler]], _Tokens]:
     if not isinstance(values, Mapping) or not values:
         raise InterventionError("values must be a non-empty mapping from sites to tensors (or callables)")
+    if isinstance(inputs, Mapping) and cache_length(inputs) > 0:
+        inputs = None  # positions index the full sequence, cache included: checked at the call
     sites = _prepare(graph, [as_site(s) for s in values], inputs)
+    tokens = _Tokens(sites)
     batch, seq_len = _shape(inputs) if inputs is not None else (None, None)
     handlers: dict[str, list[Handler]] = {}
     for site, value in zip(sites, values.values()):
@@ -209,18 +272,16 @@ def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) ->
         point = graph.point(site.name)
         if isinstance(value, torch.Tensor) and batch is not None and seq_len is not None:
             if point.kind == "pattern":
-                cached = isinstance(inputs, Mapping) and inputs.get("past_key_values") is not None
-                if not cached:  # with a cache the key axis is longer than the inputs: checked at the hook
-                    _precheck_pattern(graph, site, value, batch, seq_len)
+                _precheck_pattern(graph, site, value, batch, seq_len)
             else:
                 _precheck_value(graph, site, value, batch, seq_len)
-        handlers.setdefault(site.name, []).append(_setter(site, value, point.layout))
-    return handlers
+        handlers.setdefault(site.name, []).append(_setter(site, value, point.layout, tokens))
+    return handlers, tokens
 
 
 @contextmanager
-def _setting(model, graph, handlers):
-    with hooked(graph, handlers):
+def _setting(model, graph, handlers, tokens):
+    with hooked(graph, handlers, on_forward=tokens.on_forward):
         yield model
 
 
@@ -230,12 +291,18 @@ def set_value(model: nn.Module, values: Mapping[SiteLike, Value], inputs: Inputs
     A value is a tensor shaped like the site's selection (batch 1 broadcasts) or a callable
     ``f(current) -> new`` (e.g. `Zero()`, `Add(v)`). Given `inputs`, runs the model once and returns
     its output instead of a context manager. Gradients flow through the values and the model.
+
+    Positions under a key/value cache (``model.generate``): non-negative positions index the full
+    sequence, cached tokens included; one that lies in the cache at a decode step is skipped (its value
+    was set when it was computed); negative ones count back from the end, so ``positions=[-1]`` sets
+    each newly computed token once. A position at or beyond the full length raises SelectorError at
+    the call, before anything is written.
     """
     graph = SiteGraph.from_model(model)
-    handlers = _setters(graph, values, inputs)
+    handlers, tokens = _setters(graph, values, inputs)
     if inputs is None:
-        return _setting(model, graph, handlers)
-    with hooked(graph, handlers):
+        return _setting(model, graph, handlers, tokens)
+    with hooked(graph, handlers, on_forward=tokens.on_forward):
         return call(model, inputs)
 
 
