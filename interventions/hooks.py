@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 from einops import rearrange
 
+from .dispatch import release_offloaded, to_execution_device
 from .graph import SiteGraph, SitePoint
 
 Handler = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -89,6 +90,7 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
     def pre_hook(module, args, kwargs):
         key = _input_key(args, kwargs)
         value = args[key] if isinstance(key, int) else kwargs[key]
+        value = to_execution_device(module, value)  # where accelerate would move it (dispatch.py)
         if heads is not None:
             value = rearrange(value, "... (h d) -> ... h d", h=heads)
         new = fn(value)
@@ -128,6 +130,9 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
         for name in names:
             handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
         yield
+    except BaseException:
+        release_offloaded(graph.model)  # a forward cut short keeps accelerate's offloaded weights loaded
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -148,4 +153,5 @@ def run_until(model, inputs, graph: SiteGraph, handlers: Mapping[str, Iterable[H
         try:
             return call(model, inputs)
         except StopForward:
+            release_offloaded(model)  # the forward ended inside a module: see dispatch.py
             return None

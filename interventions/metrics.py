@@ -171,4 +171,5 @@ def iit_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignmen
              interventions: Mapping | None = None, logits: Callable = logits_of) -> torch.Tensor:
     """Cross-entropy between the network's interchange logits and the counterfactual labels (has grads)."""
     out = interchange_output(model, batch, alignment, rotation=rotation, interventions=interventions)
-    return F.cross_entropy(logits(out), batch.labels.to(torch.long))
+    scores = logits(out)
+    return F.cross_entropy(scores, batch.labels.to(scores.device, torch.long))

@@ -270,7 +270,7 @@ def _check_pairing(base_site: Site, src_site: Site, base_len, src_len) -> None:
 def _mixer(base_site: Site, source_value: Callable[[], torch.Tensor], intervention) -> Handler:
     def handler(full):
         base = select(full, base_site)
-        src = source_value()
+        src = source_value().to(full.device)  # read on the source site's device (dispatched models)
         new = src if intervention is None else intervention(base, src)
         _check_value(base_site, full, new)
         return write(full, base_site, new)
@@ -387,7 +387,7 @@ def _interchange_in_batch(model, graph: SiteGraph, base, prepared):
 
             def mix(full, key=key, b=b, interv=interv):
                 base_rows = full[:batch]
-                src = captured[key]
+                src = captured[key].to(full.device)
                 new = src if interv is None else interv(select(base_rows, b), src)
                 _check_value(b, base_rows, new)
                 return torch.cat([write(base_rows, b, new), full[batch:]])

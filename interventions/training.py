@@ -56,7 +56,8 @@ def das_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignmen
 
 def task_loss(model: nn.Module, batch: CounterfactualDataset, logits=logits_of) -> torch.Tensor:
     """Cross-entropy of the network on the bases against the causal model's (un-intervened) labels."""
-    return F.cross_entropy(logits(call(model, batch.base_inputs)), batch.base_labels.to(torch.long))
+    scores = logits(call(model, batch.base_inputs))
+    return F.cross_entropy(scores, batch.base_labels.to(scores.device, torch.long))
 
 
 def mixed_batches(datasets: Sequence[CounterfactualDataset], batch_size: int,
