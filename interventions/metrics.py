@@ -59,7 +59,7 @@ class RotatedDims(nn.Module):
                 f"a rotation of size {self.rotation.size} cannot rotate a value whose last axis has size "
                 f"{base.shape[-1]}"
             )
-        basis = self.rotation.weight[self.index].to(base.dtype)  # [k, size]
+        basis = self.rotation.weight[self.index].to(base.device, base.dtype)  # [k, size], on the site's device
         return base + ((source - base) @ basis.T) @ basis
 
 
