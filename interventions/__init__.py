@@ -60,3 +60,13 @@ __all__ = [
     "InterventionError", "UnknownSiteError", "SelectorError", "ShapeError", "UnsupportedModelError",
     "AlignmentError", "CausalModelError",
 ]
+
+# researcher workflows: gradients at sites, attribution patching, saving interventions (issue 13)
+from .attribution import attribution_patching
+from .gradients import ValueAndGrad, value_and_grad
+
+__all__ += ["ValueAndGrad", "value_and_grad", "attribution_patching"]
+from .registry import Saveable
+from .serialization import load_interventions, save_interventions
+
+__all__ += ["Saveable", "save_interventions", "load_interventions"]

@@ -8,6 +8,7 @@ one against the graphs of the models it maps. See docs/alignment.md for the laws
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -135,6 +136,35 @@ def _overlap(a, b) -> bool:
     return all(_meets(_selection(getattr(a, f)), _selection(getattr(b, f))) for f in axes)
 
 
+def _atom_to_json(atom, what: str):
+    """A key or image atom as JSON: str / int as is, a tuple as {"tuple": [...]}, a Site as {"site": ...}."""
+    from .serialization import site_to_json
+
+    if isinstance(atom, Site):
+        return {"site": site_to_json(atom)}
+    if isinstance(atom, str) or (isinstance(atom, int) and not isinstance(atom, bool)):
+        return atom
+    if isinstance(atom, tuple):
+        return {"tuple": [_atom_to_json(a, what) for a in atom]}
+    raise AlignmentError(
+        f"cannot write {what} {atom!r} ({type(atom).__name__}) as JSON: keys and sites must be str, int, "
+        "tuples of those, or Sites."
+    )
+
+
+def _atom_from_json(data):
+    from .serialization import site_from_json
+
+    if isinstance(data, str) or (isinstance(data, int) and not isinstance(data, bool)):
+        return data
+    if isinstance(data, Mapping) and len(data) == 1:
+        if "tuple" in data:
+            return tuple(_atom_from_json(a) for a in data["tuple"])
+        if "site" in data:
+            return site_from_json(data["site"])
+    raise ValueError(f"{data!r} is not a str, an int, {{'tuple': [...]}} or {{'site': {{...}}}}")
+
+
 class _Reach:
     """Strict reachability in a DiGraph, with descendants computed once per node."""
 
@@ -219,6 +249,35 @@ class Alignment(Mapping):
     def __repr__(self) -> str:
         items = ", ".join(f"{k!r}: {_show(self._map[k])}" for k in _sorted(self._map))
         return f"Alignment({{{items}}})"
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        """This alignment as JSON text; `Alignment.from_json` gives back an equal alignment.
+
+        Keys (and non-Site atoms of images) may be str, int or (nested) tuples of them; sites keep
+        their selectors. Items are written in natural key order, so equal alignments give equal text.
+        """
+        items = [[_atom_to_json(k, "key"), [_atom_to_json(a, f"site of key {k!r}") for a in _sorted(v)]]
+                 for k, v in ((k, self._map[k]) for k in _sorted(self._map))]
+        return json.dumps({"format": "interventions.Alignment", "version": 1, "items": items})
+
+    @classmethod
+    def from_json(cls, text: str) -> Alignment:
+        """The alignment `to_json` wrote; malformed text raises AlignmentError saying what is wrong."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise AlignmentError(f"Alignment.from_json: not valid JSON ({e})") from None
+        if not isinstance(data, Mapping) or data.get("format") != "interventions.Alignment":
+            raise AlignmentError("Alignment.from_json: not an alignment written by Alignment.to_json "
+                                 "(expected an object with format 'interventions.Alignment')")
+        if data.get("version") != 1:
+            raise AlignmentError(
+                f"Alignment.from_json: version {data.get('version')!r} is unsupported (reads 1)")
+        try:
+            return cls({_atom_from_json(k): [_atom_from_json(a) for a in v] for k, v in data["items"]})
+        except (KeyError, TypeError, ValueError) as e:
+            raise AlignmentError(f"Alignment.from_json: malformed items ({type(e).__name__}: {e})") from None
 
     # -- views -----------------------------------------------------------------------------------
     @property

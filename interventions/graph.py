@@ -1,9 +1,12 @@
 """`SiteGraph`: which named sites a model has, where they live, and in what order data flows through them.
 
-Canonical names are the same for every supported architecture (see docs/concepts.md):
+Canonical names are the same for every supported architecture (see docs/sites.md):
 ``layers.{i}.input``, ``layers.{i}.attention_heads``, ``layers.{i}.attention_output``,
-``layers.{i}.mlp_output``, ``layers.{i}.output`` and ``logits``. Any module is also addressable by
-raw path: ``module:<dotted.path>`` (its output) and ``module:<dotted.path>:input``.
+``layers.{i}.residual_mid``, ``layers.{i}.mlp_hidden``, ``layers.{i}.mlp_output``, ``layers.{i}.output``,
+``final_norm`` and ``logits``. Any module is also addressable by raw path: ``module:<dotted.path>``
+(its output) and ``module:<dotted.path>:input``. Where each site lives in a block is its
+`LayerLayout`: the family table's entries, the rest inferred from the block's structure.
+The graph follows the model: `from_model` rebuilds it when a module it uses was replaced or removed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import Literal
 import networkx as nx
 from torch import nn
 
+from . import attention
 from .errors import SelectorError, UnknownSiteError, UnsupportedModelError
-from .families import Family, family_for
-from .sites import Site
+from .families import INFERRED, Family, LayerLayout, family_for, resolve
+from .sites import Layout, Site
 
-Kind = Literal["output", "input", "heads"]
+Kind = Literal["output", "input", "heads", "queries", "keys", "values", "pattern"]
+HEAD_KINDS = ("heads", "queries", "keys", "values", "pattern")  # kinds whose value has a heads axis
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,15 @@ class SitePoint:
     width: int | None = None  # size of the last axis where it is known in advance
     is_model_output: bool = False  # the root module's output (the `logits` site)
     tokens_of: nn.Module | None = None  # the value is [batch*seq, ...]: view it by this module's input shape
+    scale: float | None = None  # the site is the module's output times `scale` (Granite's residual multiplier)
+    carry_to: nn.Module | None = None  # a write also shifts this module's output by the same delta
+    copy: bool = False  # the model updates the value in place after the hook: hand it on as a copy
+    route: object | None = None  # attention kinds: how the attention module is intercepted (attention.py)
+
+    @property
+    def layout(self) -> Layout:
+        """Which axes the selectors index: the pattern is [batch, heads, q, k], all else [batch, seq, ...]."""
+        return Layout.PATTERN if self.kind == "pattern" else Layout.TOKENS
 
 
 def _get_module(root: nn.Module, path: str) -> nn.Module:
@@ -41,13 +55,16 @@ def _get_module(root: nn.Module, path: str) -> nn.Module:
 
 
 def _detect_layers(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The largest ModuleList whose children all share one class (an unknown model's blocks)."""
-    best = None
+    """The ModuleList of same-class children holding the most parameters (an unknown model's blocks).
+
+    By parameters, not length: a block may hold a longer list itself (StableLM's per-head q/k norms).
+    """
+    best, best_size = None, 0
     for name, mod in base.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(m) for m in mod}) == 1 and any(True for _ in mod[0].parameters()):
-                if best is None or len(mod) > len(best[1]):
-                    best = (name, mod)
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            size = sum(p.numel() for p in mod.parameters())
+            if size > best_size:
+                best, best_size = (name, mod), size
     return best
 
 
@@ -61,23 +78,31 @@ class SiteGraph:
     _cache: "weakref.WeakKeyDictionary[nn.Module, SiteGraph]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module, family: Family | None, layers_path: str | None,
-                 layers: nn.ModuleList | None):
+                 layers: nn.ModuleList | None, layouts: list[LayerLayout] | None = None):
         self.model = model
         self.family = family
         self.layers_path = layers_path
         self.num_layers = len(layers) if layers is not None else 0
+        self.layouts: list[LayerLayout] = list(layouts or [])  # per block; empty: block sites only
         self._points: dict[str, SitePoint] = {}
+        self._missing: dict[str, str] = {}  # canonical sites this model lacks -> why
+        self._unsupported: dict[str, str] = {}  # attention sites this model cannot have -> why
+        self._anchors: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, child) used
         self.graph = nx.DiGraph()
         self._module_paths = {name for name, _ in model.named_modules() if name}
         config = getattr(model, "config", None)
-        self.num_heads = getattr(config, family.num_heads, None) if family and config is not None else None
-        self.hidden_size = getattr(config, family.hidden_size, None) if family and config is not None else None
+        names = family or Family("", (), "", "", "", "")
+        self.num_heads = getattr(config, names.num_heads, None) if self.layouts and config is not None else None
+        self.hidden_size = getattr(config, names.hidden_size, None) if self.layouts and config is not None else None
         if layers is not None:
+            self._anchor(model, layers_path)
             self._add_layers(layers, config)
+        self._add_final_norm(model)
         if self._has_head(model):
             self._add("logits", SitePoint(model, "output", is_model_output=True))
-            if self.num_layers:
-                self.graph.add_edge(f"layers.{self.num_layers - 1}.output", "logits")
+            last = "final_norm" if "final_norm" in self._points else f"layers.{self.num_layers - 1}.output"
+            if self.num_layers or "final_norm" in self._points:
+                self.graph.add_edge(last, "logits")
         self.sites: list[str] = list(self._points)
         self._order = {name: i for i, name in enumerate(self.sites)}
 
@@ -88,31 +113,91 @@ class SiteGraph:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
         cached = cls._cache.get(model)
-        if cached is not None:
+        if cached is not None and cached.is_current():
             return cached
         base = getattr(model, "base_model", model)
         base = base if isinstance(base, nn.Module) else model
         prefix = next((n for n, m in model.named_modules() if m is base), "")
         config = getattr(model, "config", None)
-        family = family_for(getattr(config, "model_type", None))
-        layers_path, layers = None, None
+        model_type = getattr(config, "model_type", None)
+        family = family_for(model_type)
+        layers_path, layers, layouts = None, None, None
         if family is not None:
             layers_path = ".".join(p for p in (prefix, family.layers) if p)
             layers = _get_module(model, layers_path)
-        elif config is not None:  # an unknown Hugging Face model: guess its blocks
+            layouts = [resolve(family, block, config) for block in layers]
+        elif config is not None:  # no table: find the blocks, then infer their parts
             found = _detect_layers(base)
             if found is not None:
                 layers_path = ".".join(p for p in (prefix, found[0]) if p)
                 layers = found[1]
-                warnings.warn(
-                    f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}) has no "
-                    f"family table; using the blocks found at '{layers_path}' for layers.{{i}}.input/output "
-                    "only. Other places are reachable as 'module:<path>'.",
-                    stacklevel=2,
-                )
-        graph = cls(model, family, layers_path, layers)
+                try:
+                    layouts = [resolve(None, block, config) for block in layers]
+                except UnsupportedModelError as err:
+                    warnings.warn(
+                        f"{type(model).__name__} (model_type={model_type!r}) has no family table and its blocks "
+                        f"at '{layers_path}' have no recognisable sublayers ({err}); using them for "
+                        "layers.{i}.input/output only. Other places are reachable as 'module:<path>'.",
+                        stacklevel=2,
+                    )
+                else:
+                    if model_type not in INFERRED:
+                        warnings.warn(
+                            f"{type(model).__name__} (model_type={model_type!r}) has no family table; its sites "
+                            f"were inferred from the structure of the blocks at '{layers_path}' and are not "
+                            "verified for this model type (see SiteGraph.describe()).",
+                            stacklevel=2,
+                        )
+        graph = cls(model, family, layers_path, layers, layouts)
         cls._cache[model] = graph
         return graph
+
+    # -- following the model --------------------------------------------------------------------
+    def _anchor(self, root: nn.Module, path: str) -> nn.Module:
+        """Record every (parent, name, child) step from `root` down `path`; returns the module there."""
+        module = root
+        for part in path.split(".") if path else ():
+            child = module._modules[part]
+            self._anchors.append((module, part, child))
+            module = child
+        return module
+
+    def is_current(self) -> bool:
+        """False once a module any site uses was replaced, removed, or the block list changed length."""
+        if any(parent._modules.get(name) is not child for parent, name, child in self._anchors):
+            return False
+        if self.layers_path is not None and len(_get_module(self.model, self.layers_path)) != self.num_layers:
+            return False
+        head = self._output_embedding(self.model)
+        return (head is None) == ("final_norm" not in self._points) and (
+            head is None or head is self._points["final_norm"].module)
+
+    def describe(self) -> str:
+        """Which table or inference decided each part, layer by layer (identical layers are grouped)."""
+        lines = [repr(self)]
+        groups: list[tuple[list[int], LayerLayout]] = []
+        for i, layout in enumerate(self.layouts):
+            if groups and groups[-1][1] == layout and groups[-1][1].sources == layout.sources:
+                groups[-1][0].append(i)
+            else:
+                groups.append(([i], layout))
+        for idx, layout in groups:
+            span = f"layers {idx[0]}..{idx[-1]}" if len(idx) > 1 else f"layer {idx[0]}"
+            lines.append(f"{span} ({'parallel' if layout.parallel else 'sequential'} residual):")
+            parts = [("attention", layout.attention), ("out_proj", layout.out_proj),
+                     ("attention_output", layout.attention_output), ("residual_mid", layout.residual_mid),
+                     ("mlp_out_proj", layout.mlp_out_proj), ("mlp_output", layout.mlp_output)]
+            for part, path in parts:
+                where = f"{self.layers_path}.{{i}}.{path}" if path else "none"
+                lines.append(f"  {part:17s} {where:55s} [{layout.sources.get(part, 'inferred')}]")
+            if layout.residual_scale is not None:
+                lines.append(f"  residual_scale    {layout.residual_scale:<55g} [{layout.sources.get('residual_scale')}]")
+        if not self.layouts and self.num_layers:
+            lines.append(f"blocks at '{self.layers_path}' (detected): layers.{{i}}.input/output only")
+        if "final_norm" in self._points:
+            lines.append(f"final_norm: input of {type(self._points['final_norm'].module).__name__} "
+                         "(get_output_embeddings())")
+        return "\n".join(lines)
 
     @staticmethod
     def _has_head(model: nn.Module) -> bool:
@@ -123,38 +208,115 @@ class SiteGraph:
         self._points[name] = point
         self.graph.add_node(name)
 
+    @staticmethod
+    def _output_embedding(model: nn.Module) -> nn.Module | None:
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        return head if isinstance(head, nn.Module) else None
+
+    def _add_final_norm(self, model: nn.Module) -> None:
+        """`final_norm`: the input of the output embedding (the final norm's output)."""
+        head = self._output_embedding(model)
+        if head is None:
+            return
+        path = next((n for n, m in model.named_modules() if m is head), None)
+        if path is None:
+            return
+        self._anchor(model, path)
+        width = getattr(head, "in_features", None)
+        self._add("final_norm", SitePoint(head, "input", width=width))
+        if self.num_layers:
+            self.graph.add_edge(f"layers.{self.num_layers - 1}.output", "final_norm")
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The module of block `layer` that owns the attention's q/k/v and output projections."""
+        return self._block(layer).get_submodule(self.layouts[layer].attention)
+
+    def _block(self, layer: int) -> nn.Module:
+        return _get_module(self.model, self.layers_path)[layer]
+
     def _add_layers(self, layers: nn.ModuleList, config) -> None:
-        fam = self.family
-        parallel = fam.parallel_residual if fam else False
-        if isinstance(parallel, str):
-            parallel = bool(getattr(config, parallel, False))
-        head_dim = None
-        if self.num_heads and self.hidden_size:
-            head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         for i, block in enumerate(layers):
-            p = f"layers.{i}"
-            self._add(f"{p}.input", SitePoint(block, "input", width=self.hidden_size))
-            if fam is not None:
-                self._add(f"{p}.attention_heads", SitePoint(
-                    block.get_submodule(fam.out_proj), "heads", num_heads=self.num_heads, width=head_dim))
-                self._add(f"{p}.attention_output", SitePoint(
-                    block.get_submodule(fam.attention), "output", width=self.hidden_size))
-                self._add(f"{p}.mlp_output", SitePoint(
-                    block.get_submodule(fam.mlp), "output", width=self.hidden_size,
-                    tokens_of=block if fam.mlp_flattens else None))
-            self._add(f"{p}.output", SitePoint(block, "output", width=self.hidden_size))
-            g = self.graph
-            if fam is not None:
-                g.add_edge(f"{p}.input", f"{p}.attention_heads")
-                g.add_edge(f"{p}.attention_heads", f"{p}.attention_output")
-                g.add_edge(f"{p}.input", f"{p}.mlp_output")
-                if not parallel:
-                    g.add_edge(f"{p}.attention_output", f"{p}.mlp_output")
-                g.add_edge(f"{p}.attention_output", f"{p}.output")
-                g.add_edge(f"{p}.mlp_output", f"{p}.output")
-            g.add_edge(f"{p}.input", f"{p}.output")
+            self._anchors.append((layers, str(i), block))
+            self._add_layer(i, block, self.layouts[i] if self.layouts else None)
             if i > 0:
-                g.add_edge(f"layers.{i - 1}.output", f"{p}.input")
+                self.graph.add_edge(f"layers.{i - 1}.output", f"layers.{i}.input")
+
+    def _add_layer(self, i: int, block: nn.Module, layout: LayerLayout | None) -> None:
+        """Every site of block `i`, in computation order, with the edges data flows along."""
+        p, g = f"layers.{i}", self.graph
+        hidden = self.hidden_size
+        self._add(f"{p}.input", SitePoint(block, "input", width=hidden))
+        self._add_attention_sites(p, block, layout is not None)
+        if layout is None:
+            self._add(f"{p}.output", SitePoint(block, "output", width=hidden))
+            g.add_edge(f"{p}.input", f"{p}.output")
+            return
+
+        def at(path: str) -> nn.Module:
+            return self._anchor(block, path)
+
+        tokens_of = block if layout.flattens else None
+        heads = self.num_heads
+        head_dim = None
+        if heads and hidden:
+            head_dim = getattr(self.model.config, "head_dim", None) or hidden // heads
+        self._add(f"{p}.attention_heads", SitePoint(at(layout.out_proj), "heads", num_heads=heads, width=head_dim))
+        self._add(f"{p}.attention_output", SitePoint(
+            at(layout.attention_output), "output", width=hidden, scale=layout.residual_scale))
+        at(layout.attention)
+        if layout.residual_mid is not None:
+            self._add(f"{p}.residual_mid", SitePoint(
+                at(layout.residual_mid), "input", width=hidden, tokens_of=tokens_of, carry_to=block))
+        else:
+            self._missing[f"{p}.residual_mid"] = layout.why_no_mid
+        if layout.mlp_out_proj is not None:
+            proj = at(layout.mlp_out_proj)
+            width = getattr(proj, "in_features", None) or (proj.weight.shape[0] if hasattr(proj, "nf") else None)
+            self._add(f"{p}.mlp_hidden", SitePoint(proj, "input", width=width, tokens_of=tokens_of))
+        else:
+            self._missing[f"{p}.mlp_hidden"] = layout.why_no_neurons
+        self._add(f"{p}.mlp_output", SitePoint(
+            at(layout.mlp_output), "output", width=hidden, tokens_of=tokens_of, scale=layout.residual_scale,
+            copy=layout.copy_mlp_output))
+        self._add(f"{p}.output", SitePoint(block, "output", width=hidden))
+        mid = f"{p}.residual_mid" if layout.residual_mid is not None else None
+        mlp_in = mid or (f"{p}.attention_output" if not layout.parallel else f"{p}.input")
+        neurons = f"{p}.mlp_hidden" if layout.mlp_out_proj is not None else None
+        g.add_edge(f"{p}.input", f"{p}.attention_heads")
+        g.add_edge(f"{p}.attention_heads", f"{p}.attention_output")
+        if mid:
+            g.add_edge(f"{p}.attention_output", mid)
+            g.add_edge(f"{p}.input", mid)
+        g.add_edge(f"{p}.input", neurons or f"{p}.mlp_output")
+        if mlp_in != f"{p}.input":
+            g.add_edge(mlp_in, neurons or f"{p}.mlp_output")
+        if neurons:
+            g.add_edge(neurons, f"{p}.mlp_output")
+        g.add_edge(f"{p}.attention_output", f"{p}.output")
+        g.add_edge(f"{p}.mlp_output", f"{p}.output")
+        g.add_edge(f"{p}.input", f"{p}.output")
+
+    def _add_attention_sites(self, p: str, block: nn.Module, has_heads: bool) -> None:
+        """queries, keys, values, attention_pattern of block `p` (found by attention.py); or why not."""
+        try:
+            found = attention.sites_of(block, getattr(self.model, "config", None))
+        except UnsupportedModelError as e:
+            self._unsupported.update({f"{p}.{suffix}": str(e) for suffix in attention.SITE_KINDS})
+            return
+        module = next(iter(found.values())).module
+        self._anchor(block, next(n for n, m in block.named_modules() if m is module))
+        for suffix, a in found.items():
+            self._add(f"{p}.{suffix}", SitePoint(a.module, a.kind, num_heads=a.num_heads, width=a.head_dim,
+                                                 route=a.route))
+        g = self.graph
+        after = f"{p}.attention_heads" if has_heads else f"{p}.output"
+        for suffix in ("queries", "keys", "values"):
+            g.add_edge(f"{p}.input", f"{p}.{suffix}")
+        g.add_edge(f"{p}.queries", f"{p}.attention_pattern")
+        g.add_edge(f"{p}.keys", f"{p}.attention_pattern")
+        g.add_edge(f"{p}.attention_pattern", after)
+        g.add_edge(f"{p}.values", after)
 
     # -- queries ------------------------------------------------------------------------------
     def __contains__(self, name) -> bool:
@@ -194,6 +356,8 @@ class SiteGraph:
         point = self._points.get(name)
         if point is not None:
             return point
+        if name in self._unsupported:
+            raise UnsupportedModelError(f"'{name}': {self._unsupported[name]}")
         parsed = self._module_path(name)
         if parsed is not None:
             path, kind = parsed
@@ -212,30 +376,39 @@ class SiteGraph:
                 f"'module:<dotted.path>:input' for its input (paths as in model.named_modules(), e.g. "
                 f"{', '.join(sorted(self._module_paths)[:3]) or 'none'})."
             )
+        if name in self._missing:
+            layer = name.split(".")[1]
+            have = [s.split(".", 2)[2] for s in self.sites if s.startswith(f"layers.{layer}.")]
+            raise UnknownSiteError(
+                f"{type(self.model).__name__} has no site '{name}': {self._missing[name]}. "
+                f"Sites of layer {layer}: {', '.join(have)}."
+            )
         near = difflib.get_close_matches(name, self.sites, n=5, cutoff=0.5)
+        kinds = list(dict.fromkeys(s.split(".", 2)[2] for s in self.sites if s.startswith("layers.")))
+        model_level = [s for s in self.sites if not s.startswith("layers.")]
         raise UnknownSiteError(
             f"unknown site '{name}' for {type(self.model).__name__}."
             + (f" Nearest valid names: {', '.join(near)}." if near else "")
-            + f" Valid names: layers.{{0..{self.num_layers - 1}}}.{{input,attention_heads,attention_output,"
-            "mlp_output,output}"
-            + (", logits" if "logits" in self._points else "")
-            + "; or 'module:<path>'."
+            + f" Valid names: layers.{{0..{self.num_layers - 1}}}.{{{','.join(kinds)}}}"
+            + "".join(f", {m}" for m in model_level)
+            + "; or 'module:<path>' (see docs/sites.md)."
         )
 
     def check(self, site: Site) -> SitePoint:
         """Validate a site's name and its heads/dims selectors against the model (no inputs needed)."""
         point = self.point(site.name)
         if site.heads is not None:
-            if point.kind != "heads":
+            if point.kind not in HEAD_KINDS:
                 raise SelectorError(
                     f"heads={list(site.heads)} given for '{site.name}', which has no heads; heads select "
-                    "only on 'layers.{i}.attention_heads' sites."
+                    "only on 'layers.{i}.attention_heads', queries, keys, values and attention_pattern sites."
                 )
             bad = [h for h in site.heads if not 0 <= h < point.num_heads]
             if bad:
+                what = "key/value heads" if point.kind in ("keys", "values") else "heads"
                 raise SelectorError(
-                    f"heads {bad} out of range for '{site.name}': the model has {point.num_heads} heads "
-                    f"(valid 0..{point.num_heads - 1})."
+                    f"heads {bad} out of range for '{site.name}': the model has {point.num_heads} {what} "
+                    f"there (valid 0..{point.num_heads - 1})."
                 )
         if site.dims is not None and point.width is not None:
             check_dims(site, point.width)

@@ -1,5 +1,8 @@
 """The only code that touches torch hooks. `hooked` installs handlers on sites and always removes them.
 
+Attention-internal sites (queries, keys, values, attention_pattern) go through
+`attention.intercepted`, which wraps the attention functions for the block's duration.
+
 A handler receives a site's whole value (head sites viewed as [batch, seq, heads, head_dim]) and
 returns a replacement or None. With ``stop_after``, the forward is cut short by `StopForward` as
 soon as every listed site has been seen, so no later layer and no output head runs.
@@ -8,12 +11,13 @@ soon as every listed site has been seen, so no later layer and no output head ru
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterable
 
 import torch
 from einops import rearrange
 
+from . import attention
 from .dispatch import release_offloaded, to_execution_device
 from .graph import SiteGraph, SitePoint
 
@@ -73,15 +77,58 @@ def _unflattened(point: SitePoint, fn: Handler) -> tuple[Handler, list]:
     return view_fn, [point.tokens_of.register_forward_pre_hook(record, with_kwargs=True)]
 
 
+def _scaled(fn: Handler, scale: float) -> Handler:
+    """Show `fn` the value times `scale` (Granite's residual multiplier); write back its result / scale."""
+    def scaled_fn(value):
+        shown = value * scale
+        new = fn(shown)
+        return None if new is None or new is shown else new / scale
+    return scaled_fn
+
+
+def _carried(fn: Handler, point: SitePoint) -> tuple[Handler, list]:
+    """A write at an input that the block also keeps as its residual: shift the block's output by the delta.
+
+    The residual between the sublayers is both the pre-MLP norm's input and what the block adds the MLP
+    output to; the pre-hook rewrites the first, the (first-run) output hook moves the second by the same amount.
+    """
+    delta: list = []
+
+    def carry_fn(value):
+        new = fn(value)
+        if new is not None and new is not value:
+            delta[:] = [new - value]
+        return new
+
+    def shift(module, args, output):
+        if not delta:
+            return None
+        d = delta.pop()
+        out = _first(output)
+        return _replace_first(output, out + d.reshape(out.shape))
+
+    return carry_fn, [point.carry_to.register_forward_hook(shift, prepend=True)]
+
+
 def _make_hook(point: SitePoint, fn: Handler) -> list:
     """Install `fn` at `point`; returns the hook handles."""
+    extra = []
+    if point.scale is not None:
+        fn = _scaled(fn, point.scale)
+    if point.carry_to is not None:
+        fn, more = _carried(fn, point)
+        extra += more
+    if point.tokens_of is not None:
+        fn, more = _unflattened(point, fn)
+        extra += more
     if point.kind == "output":
-        extra = []
-        if point.tokens_of is not None:
-            fn, extra = _unflattened(point, fn)
+        copy = point.copy
 
         def hook(module, args, output):
-            new = fn(_first(output))
+            value = _first(output)
+            new = fn(value)
+            if copy:  # the model adds into this tensor in place next: keep what the handlers saw intact
+                new = (value if new is None else new).clone()
             return None if new is None else _replace_first(output, new)
         return extra + [point.module.register_forward_hook(hook)]
 
@@ -102,7 +149,7 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, key: new}
 
-    return [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    return extra + [point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
 
 @contextmanager
@@ -126,10 +173,17 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
 
     names = list(handlers) + [n for n in pending if n not in handlers]
     points = {name: graph.point(name) for name in names}  # resolve all first: errors before any hook
+    inside = [(attention.AttentionSite(p.module, p.kind, p.num_heads, p.width, p.route),
+               for_site(name, list(handlers.get(name, ()))))
+              for name, p in points.items() if p.kind in attention.ATTENTION_KINDS]
     try:
-        for name in names:
-            handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
-        yield
+        with ExitStack() as stack:
+            for name in names:
+                if points[name].kind not in attention.ATTENTION_KINDS:
+                    handles.extend(_make_hook(points[name], for_site(name, list(handlers.get(name, ())))))
+            if inside:  # queries / keys / values / attention_pattern: attention.py's interception
+                stack.enter_context(attention.intercepted(inside))
+            yield
     except BaseException:
         release_offloaded(graph.model)  # a forward cut short keeps accelerate's offloaded weights loaded
         raise

@@ -21,6 +21,7 @@ from .causal_model import CausalModel, CounterfactualDataset
 from .errors import AlignmentError, CausalModelError, InterventionError
 from .operators import Rotation
 from .primitives import interchange
+from .registry import Saveable
 from .sites import Site, as_site
 
 
@@ -33,7 +34,7 @@ class IIAResult:
     num_examples: int
 
 
-class RotatedDims(nn.Module):
+class RotatedDims(Saveable, nn.Module):
     """Interchange coordinates `dims` of R·h (R a shared `Rotation`); the rest of h keeps the base."""
 
     def __init__(self, rotation: Rotation, dims):

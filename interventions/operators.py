@@ -1,7 +1,8 @@
 """Intervention types: `nn.Module`s mapping (base value, source value) to the new value.
 
 Each receives the *selected* slices ([batch, positions, ..., dims]); source-free ones (`Zero`,
-`Constant`, `Add`) also work as `set_value` callables. Parameters save and load with `state_dict`.
+`Constant`, `Add`) also work as `set_value` callables. Parameters save and load with `state_dict`;
+`save_interventions` / `load_interventions` save whole interventions (every subclass registers itself).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from .errors import InterventionError
+from .registry import Saveable
 
 
-class Intervention(nn.Module):
+class Intervention(Saveable, nn.Module):
     """Base class: ``forward(base, source=None) -> new value`` (same shape as `base`)."""
 
     needs_source = True
@@ -80,8 +82,13 @@ class Add(Intervention):
         return base + self.scale * self.vector.to(base.device, base.dtype)
 
 
-class Rotation(nn.Module):
-    """A learnable orthogonal matrix R [size, size] (orthogonal parametrisation); shareable."""
+class Rotation(Saveable, nn.Module):
+    """A learnable orthogonal matrix R [size, size] (orthogonal parametrisation); shareable.
+
+    With ``rank < size`` only the first `rank` rows exist: R [rank, size] with orthonormal rows,
+    parametrised by a [rank, size] tensor alone (no [size, size] trivialisation base is kept), so
+    memory and saved files hold rank x size numbers.
+    """
 
     def __init__(self, size: int, rank: int | None = None):
         super().__init__()
@@ -89,7 +96,10 @@ class Rotation(nn.Module):
         if not 0 < rank <= size:
             raise InterventionError(f"rank must be in 1..{size}, got {rank}")
         self.size, self.rank = size, rank
-        self.linear = parametrizations.orthogonal(nn.Linear(size, rank, bias=False))
+        # Full rank: the default dynamic trivialisation (a [size, size] base + the update). Low rank: the
+        # weight is exp(A) restricted to `rank` rows, A built from the [rank, size] parameter only.
+        self.linear = parametrizations.orthogonal(nn.Linear(size, rank, bias=False),
+                                                  use_trivialization=rank == size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -131,7 +141,10 @@ class RotatedSubspace(Intervention):
 
 
 class LowRankRotatedSubspace(RotatedSubspace):
-    """DAS with only the k interchanged directions stored: R [k, size] with orthonormal rows."""
+    """DAS with only the k interchanged directions stored: R [k, size] with orthonormal rows.
+
+    Its state (and a saved file) is one [k, size] tensor, from which R is recomputed exactly.
+    """
 
     def __init__(self, size: int, rank: int):
         super().__init__(size, rank, rotation=Rotation(size, rank=rank))

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .errors import InterventionError, SelectorError, ShapeError
-from .graph import SiteGraph, check_dims
+from .graph import HEAD_KINDS, SiteGraph, check_dims
 from .hooks import Handler, call, hooked, run_until
-from .sites import Site, SiteLike, as_site, select, write
+from .sites import Layout, Site, SiteLike, as_site, select, write
 
 Inputs = Union[torch.Tensor, Mapping]
 Value = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -96,23 +96,27 @@ def _prepare(graph: SiteGraph, sites: list[Site], inputs: Inputs | None) -> list
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     out = []
     for site in sites:
-        graph.check(site)
+        point = graph.check(site)
+        if point.kind == "pattern" and site.dims is not None and seq_len is not None:
+            check_dims(site, seq_len)  # the pattern's last axis is the key axis: as long as the inputs
         out.append(_normalise_positions(site, batch, seq_len, mask))
     return out
 
 
-def _selected_shape(site: Site, shape) -> tuple:
+def _selected_shape(site: Site, shape, layout: Layout = Layout.TOKENS) -> tuple:
     """The shape of `site`'s selection of a value of `shape`."""
-    idx = site.index(shape, "cpu")
+    idx = site.index(shape, "cpu", layout)
     return tuple(shape) if idx is None else tuple(torch.broadcast_shapes(*(i.shape for i in idx)))
 
 
-def _require_shape(site: Site, value: torch.Tensor, expected: tuple) -> None:
+def _require_shape(site: Site, value: torch.Tensor, expected: tuple, layout: Layout = Layout.TOKENS) -> None:
     got = tuple(value.shape)
     if got != expected and not (len(got) == len(expected) and got[0] == 1 and got[1:] == expected[1:]):
+        axes = "[batch, heads, query positions, key dims]" if layout == Layout.PATTERN else \
+            "[batch, positions, (heads,) dims]"
         raise ShapeError(
             f"value for '{site.name}' has shape {got}; the site (with its selectors) has shape {expected} "
-            "[batch, positions, (heads,) dims] (a batch of 1 broadcasts)."
+            f"{axes} (a batch of 1 broadcasts)."
         )
 
 
@@ -126,10 +130,10 @@ def _check_selectors(site: Site, full: torch.Tensor) -> None:
         check_dims(site, full.shape[-1])
 
 
-def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor) -> None:
+def _check_value(site: Site, full: torch.Tensor, value: torch.Tensor, layout: Layout = Layout.TOKENS) -> None:
     """Raise unless `value` fits `site`'s selection of `full` (batch may broadcast from 1)."""
     _check_selectors(site, full)
-    _require_shape(site, value, _selected_shape(site, full.shape))
+    _require_shape(site, value, _selected_shape(site, full.shape, layout), layout)
 
 
 def _precheck_value(graph: SiteGraph, site: Site, value: torch.Tensor, batch: int, seq_len: int) -> None:
@@ -137,15 +141,24 @@ def _precheck_value(graph: SiteGraph, site: Site, value: torch.Tensor, batch: in
     point = graph.point(site.name)
     if point.width is None or point.is_model_output:
         return  # module sites and logits: checked when the value is reached
-    shape = [batch, seq_len] + ([point.num_heads] if point.kind == "heads" else []) + [point.width]
-    _require_shape(site, value, _selected_shape(site, shape))
+    shape = [batch, seq_len] + ([point.num_heads] if point.kind in HEAD_KINDS else []) + [point.width]
+    _require_shape(site, value, _selected_shape(site, shape, point.layout), point.layout)
 
 
-def _setter(site: Site, value: Value) -> Handler:
+def _precheck_pattern(graph: SiteGraph, site: Site, value: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Check a pattern value [batch, heads, q, k] before any forward (k = q: no key/value cache)."""
+    point = graph.point(site.name)
+    shape = [batch, point.num_heads, seq_len, seq_len]
+    if site.dims is not None:
+        check_dims(site, seq_len)
+    _require_shape(site, value, _selected_shape(site, shape, point.layout), point.layout)
+
+
+def _setter(site: Site, value: Value, layout: Layout = Layout.TOKENS) -> Handler:
     def handler(full: torch.Tensor):
-        new = value(select(full, site)) if callable(value) else value
-        _check_value(site, full, new)
-        return write(full, site, new)
+        new = value(select(full, site, layout)) if callable(value) else value
+        _check_value(site, full, new, layout)
+        return write(full, site, new, layout)
     return handler
 
 
@@ -163,14 +176,14 @@ def get_value(model: nn.Module, inputs: Inputs, sites) -> dict[Site, torch.Tenso
     for asked, site in zip(requested, prepared):
         by_name.setdefault(site.name, []).append((asked, site))
 
-    def reader(pairs):
+    def reader(pairs, layout):
         def handler(full):
             for asked, site in pairs:
                 _check_selectors(site, full)
-                found[asked] = select(full, site)
+                found[asked] = select(full, site, layout)
         return handler
 
-    handlers = {name: [reader(pairs)] for name, pairs in by_name.items()}
+    handlers = {name: [reader(pairs, graph.point(name).layout)] for name, pairs in by_name.items()}
     run_until(model, inputs, graph, handlers, stop_after=handlers.keys())
     missing = [s for s in requested if s not in found]
     if missing:
@@ -193,9 +206,15 @@ def _setters(graph: SiteGraph, values: Mapping[SiteLike, Value], inputs=None) ->
                 f"value for '{site.name}' must be a tensor or a callable (e.g. an Intervention), "
                 f"got {type(value).__name__}"
             )
+        point = graph.point(site.name)
         if isinstance(value, torch.Tensor) and batch is not None and seq_len is not None:
-            _precheck_value(graph, site, value, batch, seq_len)
-        handlers.setdefault(site.name, []).append(_setter(site, value))
+            if point.kind == "pattern":
+                cached = isinstance(inputs, Mapping) and inputs.get("past_key_values") is not None
+                if not cached:  # with a cache the key axis is longer than the inputs: checked at the hook
+                    _precheck_pattern(graph, site, value, batch, seq_len)
+            else:
+                _precheck_value(graph, site, value, batch, seq_len)
+        handlers.setdefault(site.name, []).append(_setter(site, value, point.layout))
     return handlers
 
 
@@ -267,13 +286,14 @@ def _check_pairing(base_site: Site, src_site: Site, base_len, src_len) -> None:
         )
 
 
-def _mixer(base_site: Site, source_value: Callable[[], torch.Tensor], intervention) -> Handler:
+def _mixer(base_site: Site, source_value: Callable[[], torch.Tensor], intervention,
+           layout: Layout = Layout.TOKENS) -> Handler:
     def handler(full):
-        base = select(full, base_site)
+        base = select(full, base_site, layout)
         src = source_value().to(full.device)  # read on the source site's device (dispatched models)
         new = src if intervention is None else intervention(base, src)
-        _check_value(base_site, full, new)
-        return write(full, base_site, new)
+        _check_value(base_site, full, new, layout)
+        return write(full, base_site, new, layout)
     return handler
 
 
@@ -318,7 +338,7 @@ def interchange(model: nn.Module, base: Inputs, sources, sites, *, source_sites=
     for source, base_sites, src_sites, interv in prepared:
         for b, s in zip(base_sites, src_sites):
             v = values[(id(source), s)]
-            handlers.setdefault(b.name, []).append(_mixer(b, lambda v=v: v, interv))
+            handlers.setdefault(b.name, []).append(_mixer(b, lambda v=v: v, interv, graph.point(b.name).layout))
     with hooked(graph, handlers):
         return call(model, base)
 
@@ -381,16 +401,17 @@ def _interchange_in_batch(model, graph: SiteGraph, base, prepared):
                     "pass, so the source site must come no later than the base site (canonical sites only)."
                 )
             key = (off, s)
+            lb, ls = graph.point(b.name).layout, graph.point(s.name).layout
 
-            def read(full, key=key, s=s, off=off):
-                captured[key] = select(full[off:off + batch], s)
+            def read(full, key=key, s=s, off=off, ls=ls):
+                captured[key] = select(full[off:off + batch], s, ls)
 
-            def mix(full, key=key, b=b, interv=interv):
+            def mix(full, key=key, b=b, interv=interv, lb=lb):
                 base_rows = full[:batch]
                 src = captured[key].to(full.device)
-                new = src if interv is None else interv(select(base_rows, b), src)
-                _check_value(b, base_rows, new)
-                return torch.cat([write(base_rows, b, new), full[batch:]])
+                new = src if interv is None else interv(select(base_rows, b, lb), src)
+                _check_value(b, base_rows, new, lb)
+                return torch.cat([write(base_rows, b, new, lb), full[batch:]])
 
             readers.setdefault(s.name, []).append(read)
             writers.setdefault(b.name, []).append(mix)

@@ -2,7 +2,9 @@
 
 Selectors become broadcastable index tensors once per call (`Site.index`), never Python loops
 inside hooks. A site's value has shape [batch, seq, hidden] (or [batch, seq, heads, head_dim] for
-head sites, or [batch, hidden] for non-sequence modules); selecting keeps the axes' order.
+head sites, or [batch, hidden] for non-sequence modules); selecting keeps the axes' order. The one
+exception is the attention pattern [batch, heads, q, k] (`Layout.PATTERN`): heads select axis 1,
+positions the query axis 2, dims the key axis 3.
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ import torch
 from .errors import SelectorError
 
 Positions = Union[None, tuple, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which axis of a 4-D site value the `positions` and `heads` selectors index (dims: the last)."""
+
+    positions: int
+    heads: int
+
+
+Layout.TOKENS = Layout(positions=1, heads=2)   # [batch, seq, (heads,) dims]: every site but one
+Layout.PATTERN = Layout(positions=2, heads=1)  # [batch, heads, q, k]: the attention pattern
 Dims = Union[None, tuple, slice]
 
 
@@ -39,8 +53,10 @@ class Site:
     """A named intervention site, e.g. ``Site("layers.3.output", positions=[0, 4])``.
 
     positions: ints (the same for every example) or a LongTensor [batch, k] (per example);
-    heads: head indices (only on ``layers.{i}.attention_heads``); dims: a slice or indices
-    of the last (hidden) axis. ``None`` selects everything along that axis.
+    heads: head indices (on ``attention_heads``, ``queries``, ``attention_pattern``; key/value heads
+    on ``keys`` and ``values``); dims: a slice or indices of the last (hidden) axis.
+    ``None`` selects everything along that axis. On ``attention_pattern`` [batch, heads, q, k],
+    positions select query rows and dims key columns.
     """
 
     name: str
@@ -123,11 +139,12 @@ class Site:
             return torch.arange(start, stop)
         return torch.tensor(self.dims)
 
-    def index(self, shape: Sequence[int], device) -> tuple | None:
+    def index(self, shape: Sequence[int], device, layout: Layout = Layout.TOKENS) -> tuple | None:
         """Broadcastable advanced-index tuple selecting this site's slice of a value of `shape`.
 
         Returns None when the site selects the whole value. Positions index axis 1, heads axis 2
-        (head sites), dims the last axis.
+        (head sites), dims the last axis; on 4-D values `layout` may swap positions and heads
+        (`Layout.PATTERN`: heads axis 1, query positions axis 2).
         """
         if self.is_whole:
             return None
@@ -139,21 +156,25 @@ class Site:
             view[axis] = -1
             return t.to(device).view(view)
 
-        idx = [col(torch.arange(batch), 0)]
+        idx: list = [None] * nd
+        idx[0] = col(torch.arange(batch), 0)
+        pos_axis = layout.positions if nd == 4 else 1
         if nd >= 3:
             pos = self.positions
             if pos is None:
-                idx.append(col(torch.arange(shape[1]), 1))
+                idx[pos_axis] = col(torch.arange(shape[pos_axis]), pos_axis)
             elif isinstance(pos, tuple):
-                idx.append(col(torch.tensor(pos), 1))
-            else:
-                view = [pos.shape[0], pos.shape[1]] + [1] * (nd - 2)
-                idx.append(pos.to(device=device, dtype=torch.long).view(view))
+                idx[pos_axis] = col(torch.tensor(pos), pos_axis)
+            else:  # per example [batch, k]: batch on axis 0, k on the positions axis
+                view = [1] * nd
+                view[0], view[pos_axis] = pos.shape[0], pos.shape[1]
+                idx[pos_axis] = pos.to(device=device, dtype=torch.long).view(view)
         if nd == 4:
-            heads = torch.tensor(self.heads) if self.heads is not None else torch.arange(shape[2])
-            idx.append(col(heads, 2))
+            h = layout.heads
+            heads = torch.tensor(self.heads) if self.heads is not None else torch.arange(shape[h])
+            idx[h] = col(heads, h)
         dims = self.dim_indices(shape[-1])
-        idx.append(col(dims if dims is not None else torch.arange(shape[-1]), nd - 1))
+        idx[nd - 1] = col(dims if dims is not None else torch.arange(shape[-1]), nd - 1)
         return tuple(idx)
 
 
@@ -169,19 +190,19 @@ def as_site(site: SiteLike) -> Site:
     raise SelectorError(f"expected a site name (str) or a Site, got {type(site).__name__}: {site!r}")
 
 
-def select(value: torch.Tensor, site: Site) -> torch.Tensor:
+def select(value: torch.Tensor, site: Site, layout: Layout = Layout.TOKENS) -> torch.Tensor:
     """The slice of `value` that `site` selects (differentiable)."""
-    idx = site.index(value.shape, value.device)
+    idx = site.index(value.shape, value.device, layout)
     return value if idx is None else value[idx]
 
 
-def write(value: torch.Tensor, site: Site, new: torch.Tensor) -> torch.Tensor:
+def write(value: torch.Tensor, site: Site, new: torch.Tensor, layout: Layout = Layout.TOKENS) -> torch.Tensor:
     """`value` with `site`'s slice replaced by `new`, out of place (gradients reach both).
 
     `new` is moved to `value`'s device and cast to its dtype (a value set from another device, e.g.
     on a model dispatched by accelerate, lands where the model computes).
     """
-    idx = site.index(value.shape, value.device)
+    idx = site.index(value.shape, value.device, layout)
     new = new.to(device=value.device, dtype=value.dtype)
     if idx is None:
         return new.expand_as(value) if new.shape != value.shape else new

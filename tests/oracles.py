@@ -5,6 +5,12 @@ the config and plain torch ops. `forward(model, ids, edits)` applies per-site ed
 (site name -> fn(value) -> value, or a list of them, applied in order) where the engine's hooks would,
 and returns every site's (edited) value plus the logits. `select` / `write` are loop-based
 re-implementations of the selector semantics (positions axis 1, heads axis 2, dims last axis).
+
+Sites per layer: input, queries, keys, values ([b, s, (kv_)heads, head_dim]; queries after rotary
+and before the score scaling), attention_pattern ([b, heads, q, k], post-softmax), attention_heads,
+attention_output, residual_mid, mlp_hidden (the input of the MLP's output projection), mlp_output,
+output; and final_norm (the input of the output embedding), logits. (`select` / `write` assume
+the [b, s, (heads,) dims] layout; the pattern's heads are axis 1 and its query positions axis 2.)
 """
 
 from __future__ import annotations
@@ -105,15 +111,24 @@ class _Trace:
         return value
 
 
-def _attend(q, k, v, mask) -> torch.Tensor:
-    """Per-head causal attention. q [b,s,h,d], k/v [b,s,h,d], mask [b,s] (1 = real token) -> [b,s,h,d]."""
-    seq = q.shape[1]
+def _attend(site: "_Trace", layer: int, q, k, v, mask) -> torch.Tensor:
+    """Per-head causal attention, exposing the attention-internal sites of layer `layer`.
+
+    q [b,s,heads,d] (after rotary, before the score scaling), k/v [b,s,kv_heads,d] (query head j
+    reads key/value head j // (heads // kv_heads)), mask [b,s] (1 = real token) -> [b,s,heads,d].
+    """
+    p = f"layers.{layer}."
+    q, k, v = site(p + "queries", q), site(p + "keys", k), site(p + "values", v)
+    seq, heads = q.shape[1], q.shape[2]
+    group = heads // k.shape[2]
+    k = torch.stack([k[:, :, j // group] for j in range(heads)], dim=2)
+    v = torch.stack([v[:, :, j // group] for j in range(heads)], dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = site(p + "attention_pattern", torch.softmax(scores, dim=-1))  # [b, heads, q, k]
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -154,15 +169,15 @@ def gpt2_forward(model, input_ids, edits=None, attention_mask=None) -> dict[str,
         x = _layer_norm(h, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], eps)
         qkv = x @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]
         q, k, v = (t.reshape(b, s, heads, width // heads) for t in qkv.split(width, dim=-1))
-        z = site(f"layers.{i}.attention_heads", _attend(q, k, v, attention_mask))
+        z = site(f"layers.{i}.attention_heads", _attend(site, i, q, k, v, attention_mask))
         a = z.reshape(b, s, width) @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
-        h = h + site(f"layers.{i}.attention_output", a)
+        h = site(f"layers.{i}.residual_mid", h + site(f"layers.{i}.attention_output", a))
         x = _layer_norm(h, sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], eps)
-        m = _gelu_tanh(x @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"])
+        m = site(f"layers.{i}.mlp_hidden", _gelu_tanh(x @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"]))
         m = m @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
         h = h + site(f"layers.{i}.mlp_output", m)
         h = site(f"layers.{i}.output", h)
-    h = _layer_norm(h, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"], eps)
+    h = site("final_norm", _layer_norm(h, sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"], eps))
     site("logits", h @ sd["transformer.wte.weight"].T)
     return site.values
 
@@ -202,18 +217,16 @@ def llama_forward(model, input_ids, edits=None, attention_mask=None) -> dict[str
         q = _rope(_linear(x, sd, p + "self_attn.q_proj").reshape(b, s, heads, hd), theta)
         k = _rope(_linear(x, sd, p + "self_attn.k_proj").reshape(b, s, kv_heads, hd), theta)
         v = _linear(x, sd, p + "self_attn.v_proj").reshape(b, s, kv_heads, hd)
-        group = heads // kv_heads  # query head j reads key/value head j // group
-        k = torch.stack([k[:, :, j // group] for j in range(heads)], dim=2)
-        v = torch.stack([v[:, :, j // group] for j in range(heads)], dim=2)
-        z = site(f"layers.{i}.attention_heads", _attend(q, k, v, attention_mask))
+        z = site(f"layers.{i}.attention_heads", _attend(site, i, q, k, v, attention_mask))
         a = _linear(z.reshape(b, s, heads * hd), sd, p + "self_attn.o_proj")
-        h = h + site(f"layers.{i}.attention_output", a)
+        h = site(f"layers.{i}.residual_mid", h + site(f"layers.{i}.attention_output", a))
         x = _rms_norm(h, sd[p + "post_attention_layernorm.weight"], eps)
         gate = _linear(x, sd, p + "mlp.gate_proj")
-        m = _linear(gate * torch.sigmoid(gate) * _linear(x, sd, p + "mlp.up_proj"), sd, p + "mlp.down_proj")
+        neurons = site(f"layers.{i}.mlp_hidden", gate * torch.sigmoid(gate) * _linear(x, sd, p + "mlp.up_proj"))
+        m = _linear(neurons, sd, p + "mlp.down_proj")
         h = h + site(f"layers.{i}.mlp_output", m)
         h = site(f"layers.{i}.output", h)
-    h = _rms_norm(h, sd["model.norm.weight"], eps)
+    h = site("final_norm", _rms_norm(h, sd["model.norm.weight"], eps))
     site("logits", _linear(h, sd, "lm_head"))
     return site.values
 

@@ -140,6 +140,9 @@ SITES = [
     "layers.0.input", "layers.1.input", iv.Site("layers.1.attention_heads", positions=[1, 4], heads=[0, 3]),
     "layers.1.attention_output", iv.Site("layers.1.mlp_output", dims=[0, 5]), "layers.0.output",
     "layers.1.output", iv.Site("logits", positions=[-1]),
+    # attention internals (intercepted attention functions) and the other per-block sites
+    iv.Site("layers.1.queries", heads=[1, 2]), "layers.1.keys", iv.Site("layers.1.attention_pattern", heads=[0]),
+    "layers.0.residual_mid", "layers.1.mlp_hidden",
 ]
 
 
@@ -231,6 +234,38 @@ def test_gradients_through_an_interchange(pair, clean):
     for got, want in zip(grads[1], grads[0]):
         equal(model, got, want)
         assert want.abs().sum() > 0
+
+
+def test_value_and_grad_and_attribution_patching(pair, clean):
+    ref, model, _ = pair
+    sites = ["layers.0.output", iv.Site("layers.1.attention_heads", heads=[1]), "layers.1.input",
+             iv.Site("layers.1.attention_pattern", heads=[0, 3])]
+
+    def metric(logits):
+        return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+
+    got, want = iv.value_and_grad(model, BASE, sites, metric), iv.value_and_grad(ref, BASE, sites, metric)
+    equal(model, got.metric, want.metric)
+    for site in sites:
+        equal(model, got.values[site], want.values[site])
+        equal(model, got.grads[site], want.grads[site])
+        assert want.grads[site].abs().sum() > 0
+        # the same selection as get_value's; not bit-identical: a pattern site switches that attention to the
+        # explicit softmax, and Llama's RMSNorm computes in float32
+        torch.testing.assert_close(got.values[site].cpu(), iv.get_value(ref, BASE, [site])[site], rtol=1e-5, atol=1e-6)
+    got = iv.attribution_patching(model, BASE, SOURCE, sites[:3], metric)
+    want = iv.attribution_patching(ref, BASE, SOURCE, sites[:3], metric)
+    for site in sites[:3]:
+        equal(model, got[site], want[site])
+
+
+def test_set_value_on_attention_internals(pair, clean):
+    ref, model, _ = pair
+    pattern = torch.full((2, 1, 6, 6), 1 / 6, dtype=torch.float32)  # uniform attention for head 2
+    values = {iv.Site("layers.1.attention_pattern", heads=[2]): pattern, iv.Site("layers.0.values", heads=[0]): iv.Zero()}
+    equal(model, iv.set_value(model, values, inputs=BASE).logits, iv.set_value(ref, values, inputs=BASE).logits)
+    site = iv.Site("layers.1.queries", positions=[2, 5])
+    equal(model, iv.interchange(model, BASE, SOURCE, site).logits, iv.interchange(ref, BASE, SOURCE, site).logits)
 
 
 def counterfactuals(model_ref, n=8):

@@ -30,6 +30,8 @@ from interventions import (
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 LAYERS = 3
 KINDS = ("input", "attention_heads", "attention_output", "mlp_output", "output")
+ALL_KINDS = ("input", "queries", "keys", "values", "attention_pattern", "attention_heads", "attention_output",
+             "residual_mid", "mlp_hidden", "mlp_output", "output")
 COMMON = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
               "intermediate_size": 24, "max_position_embeddings": 40}
 
@@ -138,7 +140,10 @@ def test_last_layer_interchange_gives_the_source_logits(family):
 def test_site_graph_is_a_dag_in_computation_order(family):
     name, model = family
     graph = SiteGraph.from_model(model)
-    expected = [f"layers.{i}.{k}" for i in range(LAYERS) for k in KINDS] + ["logits"]
+    parallel = name == "gpt_neox"  # use_parallel_residual: the MLP reads the block input
+    no_mid = parallel or FAMILIES[name][3] != "pre"  # parallel, or a post-LN encoder
+    kinds = [k for k in ALL_KINDS if not (k == "residual_mid" and no_mid)]
+    expected = [f"layers.{i}.{k}" for i in range(LAYERS) for k in kinds] + ["final_norm", "logits"]
     assert graph.sites == expected
     assert graph.num_layers == LAYERS and graph.num_heads == 4 and graph.hidden_size == 16
     assert SiteGraph.from_model(model) is graph  # cached
@@ -150,7 +155,6 @@ def test_site_graph_is_a_dag_in_computation_order(family):
     assert nx.is_weakly_connected(g)
     assert graph.precedes("layers.0.input", "logits") and not graph.precedes("logits", "layers.0.input")
     assert graph.precedes("layers.1.attention_heads", "layers.1.attention_output")
-    parallel = name == "gpt_neox"  # use_parallel_residual: the MLP reads the block input
     assert graph.precedes("layers.1.attention_output", "layers.1.mlp_output") is not parallel
     for site in expected:
         assert site in graph

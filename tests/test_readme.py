@@ -13,7 +13,7 @@ def test_quickstart_runs_as_written(capsys):
     block = re.search(r"## Quickstart\n\n```python\n(.*?)```", README, re.S).group(1)
     exec(compile(block, "README.md quickstart", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("['layers.0.input', 'layers.0.attention_heads'")
+    assert printed[0].startswith("['layers.0.input', 'layers.0.queries', 'layers.0.keys'")
     assert printed[1] == "torch.Size([2, 8, 64])"
     assert printed[-1] == "True"
 

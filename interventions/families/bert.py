@@ -8,4 +8,6 @@ BERT = Family(
     attention="attention.output.dropout",
     mlp="output.dropout",
     out_proj="attention.output.dense",
+    mlp_out_proj="output.dense",
+    post_ln=True,
 )

@@ -7,6 +7,8 @@ DISTILBERT = Family(
     attention="attention",  # out_lin's output, before the residual add and sa_layer_norm
     mlp="ffn",
     out_proj="attention.out_lin",
+    mlp_out_proj="ffn.lin2",
+    post_ln=True,
     num_heads="n_heads",
     hidden_size="dim",
 )
