@@ -125,7 +125,9 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
         clean = _first(_run(model, graph, base, readout_only, n_pos))
     # Apply the head once to every copy's readout state, instead of once per forward (an LM head is a
     # vocabulary-sized matrix, read from memory at each call), when the model's logits are the head's output.
-    head_at_end = head is not None and torch.allclose(head(readout_states[0]), clean, rtol=1e-4, atol=1e-5)
+    # (the head runs on its execution device; the model returns logits where its inputs are: see docs/dispatch.md)
+    head_at_end = head is not None and torch.allclose(head(readout_states[0]).to(clean.device), clean,
+                                                      rtol=1e-4, atol=1e-5)
     readout_states.clear()
     pieces = []
     for layer, site in zip(order, src_sites):
@@ -147,7 +149,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
                 )
             pieces.append(logits[:, 0 if head is not None else readout])
     if head_at_end:
-        pieces = [head(torch.cat(readout_states))[:, 0]]
+        pieces = [head(torch.cat(readout_states))[:, 0].to(clean.device)]
     read = torch.cat(pieces).reshape(len(order), n_pos, *pieces[0].shape[1:])
     if order != layer_ids:
         read = read[torch.tensor([order.index(layer) for layer in layer_ids])]

@@ -201,6 +201,7 @@ def test_patching_sweep(pair, clean, layers):
         got = iv.patching_sweep(model, BASE[:1], SOURCE[:1], layers=layers, positions=[0, 3, 5])
         want = iv.patching_sweep(ref, BASE[:1], SOURCE[:1], layers=layers, positions=[0, 3, 5])
     equal(model, got, want)
+    assert got.device == BASE.device  # where the model returns its logits, wherever its head runs
 
 
 def test_record_and_replay_keep_each_block_on_its_device(pair, clean):
