@@ -37,7 +37,7 @@ CUDA_MAPS = {  # executed on two devices: block 0 on the GPU, the rest on the CP
     "llama": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
               "model.norm": "cpu", "lm_head": "cpu"},
 }
-HOW = ["device_map", "cpu_offload", "disk_offload", "disk_offload_preload", "from_pretrained",
+HOW = ["device_map", "cpu_offload", "disk_offload", "disk_offload_preload", "from_pretrained", "auto", "auto_all_disk",
        pytest.param("cuda_cpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
@@ -55,10 +55,15 @@ def dispatched(family: str, how: str, tmp) -> torch.nn.Module:
     if how == "disk_offload_preload":  # whole blocks load at once: a forward cut short inside one must unload it
         return accelerate.disk_offload(model, str(tmp / "offload"), execution_device="cpu",
                                        preload_module_classes=[BLOCK_CLASS[family]])
-    assert how == "from_pretrained"
     model.save_pretrained(tmp / "saved")
+    if how == "from_pretrained":
+        kwargs = {"device_map": DEVICE_MAPS[family]}
+    else:  # device_map="auto" under a CPU budget: 70% of the weights puts the blocks on disk, 30% everything
+        budget = (0.7 if how == "auto" else 0.3) * sum(p.numel() * p.element_size() for p in model.parameters())
+        kwargs = {"device_map": "auto", "max_memory": {"cpu": int(budget)}}
     loaded = tf.AutoModelForCausalLM.from_pretrained(
-        tmp / "saved", device_map=DEVICE_MAPS[family], offload_folder=str(tmp / "offload"), dtype=torch.float64)
+        tmp / "saved", offload_folder=str(tmp / "offload"), dtype=torch.float64, **kwargs)
+    assert "disk" in loaded.hf_device_map.values()
     loaded.config.use_cache = False
     return loaded.eval()
 
@@ -74,8 +79,8 @@ def pair(request, ref, tmp_path_factory):
     family = ref.config.model_type
     tmp = tmp_path_factory.mktemp(f"{family}-{request.param}")
     model = dispatched(family, request.param, tmp)
-    if request.param == "from_pretrained":  # the oracle is the same directory loaded without a device map:
-        # weights read from a file sit at other addresses than built ones, where BLAS may round differently
+    if (tmp / "saved").exists():  # the oracle is the same directory loaded without a device map: weights
+        # read from a file sit at other addresses than built ones, where BLAS may round differently
         ref = tf.AutoModelForCausalLM.from_pretrained(tmp / "saved", dtype=torch.float64).eval()
         ref.config.use_cache = False
     return ref, model, family
