@@ -245,7 +245,7 @@ def saturated_model(scale: float, seed: int) -> tf.GPT2LMHeadModel:
 
 
 def qk_fix(s: Setup, model) -> dict:
-    """False negatives of plain attribution vs qk_fix=True, both against real patching per (position, head)."""
+    """False negatives of plain attribution vs qk_fix=True, both against real patching per node."""
     rows, out = [], {}
     per_example = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]
     metric = lambda logits: per_example(logits).mean()

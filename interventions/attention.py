@@ -187,7 +187,9 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
     """The mask an eager softmax adds to the scores: from sdpa's boolean mask, or rebuilt where sdpa got None.
 
     Under sdpa, transformers passes None when the attention is purely causal (no padding, no active
-    sliding window), relying on ``is_causal``: the causal mask is rebuilt here (lower-right aligned).
+    sliding window), relying on ``is_causal``: the causal mask is rebuilt here, aligned as sdpa's
+    ``is_causal`` (top-left: where there are more keys than queries, the extra keys are the empty slots
+    of a static cache that sdpa crops away).
     """
     lowest = torch.finfo(query.dtype).min
     if mask is None:
@@ -196,7 +198,7 @@ def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Ten
         causal = getattr(module, "is_causal", True) if causal is None else causal
         if not causal or q_len == 1:
             return None
-        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
         mask = keep.view(1, 1, q_len, k_len)
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=query.dtype, device=query.device)

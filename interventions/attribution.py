@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,8 +61,7 @@ def attribution_patching(
                 if site.dims is not None:
                     raise InterventionError(
                         f"qk_fix recomputes the pattern for whole query/key vectors; '{site.name}' has "
-                        f"dims={site.dims} "
-                        "(drop dims, or use qk_fix=False)."
+                        f"dims={site.dims} (drop dims, or use qk_fix=False)."
                     )
         if not fixed:
             raise InterventionError(
@@ -102,23 +102,27 @@ class _QKFix:
         _, seq, heads, head_dim = self.q_b.shape
         self.groups = heads // self.k_b.shape[2]
         module = graph.point(f"{name}.queries").module
-        self.scaling = float(getattr(module, "scaling", None) or head_dim**-0.5)
         causal = bool(getattr(module, "is_causal", True))  # encoders (BERT) attend both ways
-        self.mask = _additive_mask(base, seq, self.q_b, causal)  # [b or 1, 1, q, k]
-        self.scores = self.scaling * torch.einsum("bqhd,bkhd->bhqk", self.q_b, self._per_query_head(self.k_b))
-        self.scores = self.scores + self.mask
-        diff = (torch.softmax(self.scores, -1) - self.pattern.to(self.scores.dtype)).abs().max()
-        if not diff <= PATTERN_TOL:  # NaN (a fully masked row) fails too
+        kb = self._per_query_head(self.k_b)
+        best = float("inf")  # the closest miss, for the message (NaN rows never count as close)
+        for scores_of in _score_models(module, head_dim):  # the first that reproduces the model's pattern
+            mask = _additive_mask(base, seq, self.q_b, causal, scores_of.window)  # [b or 1, 1, q, k]
+            scores = scores_of(self.q_b, kb) + mask
+            diff = float((torch.softmax(scores, -1) - self.pattern.to(scores.dtype)).abs().max())
+            if diff <= PATTERN_TOL:  # NaN (a fully masked row) never passes
+                self.score, self.mask, self.scores = scores_of, mask, scores
+                break
+            best = min(best, diff) if diff == diff else best
+        else:
             raise UnsupportedModelError(
-                f"qk_fix recomputes the attention pattern as softmax(scaling * q k^T + causal/padding mask) "
-                f"with scaling {self.scaling:.4g}; at {name} that differs from "
-                f"{type(graph.model).__name__}'s own pattern by {float(diff):.2e} (soft-capping, ALiBi, "
-                "sliding windows or another scaling are not modelled). "
+                "qk_fix recomputes the attention pattern as softmax(scores + causal/padding mask), with "
+                "scores = scaling * q k^T (scaling: the module's, 1/sqrt(head_dim) or 1; optionally "
+                f"soft-capped; optionally a sliding window); at {name} none of those reproduces "
+                f"{type(graph.model).__name__}'s own pattern (closest: max |diff| {best:.2e}; ALiBi and "
+                "other score biases are not modelled). "
                 "Use qk_fix=False for this model."
             )
-        self.clean = (self.grad * self.pattern).sum(
-            -1
-        )  # [b, heads, q]: the pattern's linear term, per query row
+        self.clean = (self.grad * self.pattern).sum(-1)  # [b, heads, q]: the pattern's linear term per row
 
     def _per_query_head(self, kv: torch.Tensor) -> torch.Tensor:
         return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=2)
@@ -143,7 +147,7 @@ class _QKFix:
         """Row p of the pattern recomputed with the source's query at p: [b, positions, heads]."""
         rows = lambda t: t.gather(2, pos[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
         q_new = self.q_s.gather(1, pos[:, :, None, None].expand(-1, -1, *self.q_s.shape[2:]))  # [b, P, h, d]
-        scores = self.scaling * torch.einsum("bphd,bkhd->bhpk", q_new, self._per_query_head(self.k_b))
+        scores = self.score(q_new, self._per_query_head(self.k_b))
         patched = torch.softmax(scores + rows(self.mask.expand(*self.scores.shape)), -1)
         est = (rows(self.grad) * patched).sum(-1) - self.clean.gather(
             2, pos[:, None].expand(-1, self.clean.shape[1], -1)
@@ -154,7 +158,7 @@ class _QKFix:
         """Column p of the scores recomputed with the source's key at p: [b, positions, kv_heads]."""
         batch, heads, seq, _ = self.scores.shape
         k_new = self.k_s.gather(1, pos[:, :, None, None].expand(-1, -1, *self.k_s.shape[2:]))  # [b, P, kv, d]
-        column = self.scaling * torch.einsum("bqhd,bphd->bhqp", self.q_b, self._per_query_head(k_new))
+        column = self.score(self.q_b, self._per_query_head(k_new))
         column = column + self.mask.expand(batch, -1, -1, -1).gather(
             3, pos[:, None, None, :].expand(-1, 1, seq, -1)
         )
@@ -173,10 +177,46 @@ class _QKFix:
         return est.transpose(1, 2)
 
 
-def _additive_mask(inputs, seq: int, like: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """0 where a query may attend (causal if `causal`, not padding), -inf elsewhere: [batch or 1, 1, q, k]."""
-    allowed = torch.ones(seq, seq, dtype=torch.bool, device=like.device)
-    allowed = (allowed.tril() if causal else allowed)[None, None]
+@dataclass(frozen=True)
+class _Scores:
+    """Attention scores before the mask: ``scaling * q k^T``, soft-capped (Gemma 2) when `softcap` is set."""
+
+    scaling: float
+    softcap: float | None = None
+    window: int | None = None  # sliding-window attention: a query sees the last `window` keys only
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q [b, q, h, d], k [b, k, h, d] -> [b, h, q, k]."""
+        scores = self.scaling * torch.einsum("bqhd,bkhd->bhqk", q, k)
+        return scores if self.softcap is None else self.softcap * torch.tanh(scores / self.softcap)
+
+
+def _score_models(module: nn.Module, head_dim: int) -> list[_Scores]:
+    """Candidate score computations for an attention module, the module's own settings first."""
+    config = getattr(module, "config", None)
+
+    def options(*values):
+        return list(dict.fromkeys(v for v in values if v is None or (isinstance(v, (int, float)) and v > 0)))
+
+    scalings = [s for s in options(getattr(module, "scaling", None), head_dim**-0.5, 1.0) if s is not None]
+    caps = options(getattr(module, "attn_logit_softcapping", None),
+                   getattr(config, "attn_logit_softcapping", None), None)
+    own_window = getattr(module, "sliding_window", None) if hasattr(module, "sliding_window") else None
+    is_local = getattr(module, "attention_type", None) == "local"
+    local = getattr(config, "window_size", None) if is_local else None
+    windows = options(own_window, local, getattr(config, "sliding_window", None), None)  # local: GPT-Neo
+    return [_Scores(float(s), c, w) for s in scalings for c in caps for w in windows]
+
+
+def _additive_mask(inputs, seq: int, like: torch.Tensor, causal: bool = True,
+                   window: int | None = None) -> torch.Tensor:
+    """0 where a query may attend (causal, in the window, not padding), -inf elsewhere: [b or 1, 1, q, k]."""
+    q_idx = torch.arange(seq, device=like.device)[:, None]
+    k_idx = torch.arange(seq, device=like.device)[None, :]
+    allowed = (k_idx <= q_idx) if causal else torch.ones(seq, seq, dtype=torch.bool, device=like.device)
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    allowed = allowed[None, None]
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         allowed = allowed & mask.to(like.device).bool()[:, None, None, :]

@@ -42,7 +42,7 @@ class SitePoint:
     scale: float | None = None  # the site is the module's output times `scale` (Granite's residual multiplier)
     carry_to: nn.Module | None = None  # a write also shifts this module's output by the same delta
     copy: bool = False  # the model updates the value in place after the hook: hand it on as a copy
-    route: object | None = None  # attention kinds: how the attention module is intercepted (attention.py)
+    route: attention.Route | None = None  # attention kinds: how the attention module is intercepted
 
     @property
     def layout(self) -> Layout:

@@ -106,6 +106,20 @@ class Rotation(Saveable, nn.Module):
         """[rank, size] with orthonormal rows: row i is the i-th rotated basis vector."""
         return self.linear.weight
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also read a low-rank state saved with the former [size, size] trivialisation base."""
+        base_key = prefix + "linear.parametrizations.weight.0.base"
+        original_key = prefix + "linear.parametrizations.weight.original"
+        if self.rank < self.size and base_key in state_dict and original_key in state_dict:
+            legacy = parametrizations.orthogonal(nn.Linear(self.size, self.rank, bias=False))
+            legacy.to(state_dict[original_key].dtype).load_state_dict({
+                "parametrizations.weight.original": state_dict.pop(original_key),
+                "parametrizations.weight.0.base": state_dict.pop(base_key)})
+            with torch.no_grad():
+                self.linear.weight = legacy.weight.to(self.linear.parametrizations.weight.original.dtype)
+            state_dict[original_key] = self.linear.parametrizations.weight.original.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _subspace_slice(subspace, size: int) -> slice:
     if isinstance(subspace, int):

@@ -174,7 +174,7 @@ def _pattern_change_oracle(model, base, source, name, positions, metric):
 
 
 def test_qk_fix_recomputes_the_pattern_exactly(tiny):
-    """Keys (KV heads on Llama), queries: the fixed estimate = the model's own patched pattern, linearised after."""
+    """Keys (KV heads on Llama), queries: the fixed estimate = the model's own patched pattern, linearised."""
     sites = [
         Site("layers.1.keys"),
         Site("layers.1.queries", positions=[2, -1]),
@@ -296,10 +296,23 @@ def test_qk_fix_bad_inputs(gpt2):
         iv.attribution_patching(
             gpt2, BASE, SOURCE, [Site("layers.0.keys", dims=[0, 1])], logit_diff, qk_fix=True
         )
-    # Gemma 2 soft-caps its attention scores: softmax(scaling * q k^T + mask) is not its pattern
-    gemma2 = build_tiny("gemma2")
-    before = hook_ids(gemma2)
+    # BLOOM adds ALiBi biases to its scores: softmax(scaling * q k^T + mask) is not its pattern
+    bloom = build_tiny("bloom")
+    before = hook_ids(bloom)
     ids = tokens(2, 6, 3)
-    with pytest.raises(iv.UnsupportedModelError, match="soft-capping.*qk_fix=False"):
-        iv.attribution_patching(gemma2, ids, tokens(2, 6, 4), ["layers.0.keys"], logit_diff, qk_fix=True)
-    assert hook_ids(gemma2) == before
+    with pytest.raises(iv.UnsupportedModelError, match="ALiBi.*qk_fix=False"):
+        iv.attribution_patching(bloom, ids, tokens(2, 6, 4), ["layers.0.keys"], logit_diff, qk_fix=True)
+    assert hook_ids(bloom) == before
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral", "gpt_neo", "opt", "qwen2"])
+def test_qk_fix_score_variants(name):
+    """Soft-capping and sliding windows (Gemma 2), sliding windows (Mistral), local attention and no scaling
+    (GPT-Neo), a query scale folded in (OPT), grouped KV heads (Qwen2): exact against the model's pattern."""
+    model = build_tiny(name)
+    base, source = tokens(2, 7, 5), tokens(2, 7, 6)
+    for layer in range(model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else 2):
+        site = f"layers.{layer}.keys"
+        got = iv.attribution_patching(model, base, source, site, logit_diff, qk_fix=True)[site]
+        want = _pattern_change_oracle(model, base, source, site, range(7), logit_diff)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

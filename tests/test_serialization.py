@@ -150,6 +150,17 @@ def test_low_rank_stores_and_saves_only_the_k_rows(tmp_path):
     torch.testing.assert_close(w @ w.T, torch.eye(3), atol=1e-6, rtol=0)
 
 
+def test_low_rank_reads_a_state_saved_with_the_former_square_base():
+    torch.manual_seed(3)
+    legacy = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(SIZE, 3, bias=False))  # old storage
+    old_state = {f"rotation.linear.{k}": v for k, v in legacy.state_dict().items()}
+    assert old_state["rotation.linear.parametrizations.weight.0.base"].shape == (SIZE, SIZE)
+    low = iv.LowRankRotatedSubspace(SIZE, 3)
+    low.load_state_dict(old_state)
+    torch.testing.assert_close(low.rotation.weight, legacy.weight, atol=1e-6, rtol=0)
+    assert list(low.state_dict()) == ["rotation.linear.parametrizations.weight.original"]
+
+
 def test_user_subclasses_register_themselves():
     assert iv.registry.registered()["tests.GatedMix"] is GatedMix
     assert iv.registry.registered()["RotatedSubspace"] is iv.RotatedSubspace
