@@ -1,7 +1,8 @@
 """The primitives on models dispatched by accelerate (device maps, CPU and disk offload) equal the undispatched model.
 
-Oracle: the same tiny model (same seeded float64 weights) kept whole in memory, without accelerate.
-Every dispatched variant is built from it and must give identical values, outputs and gradients; after
+Oracle: the same tiny model (same seeded float64 weights) kept whole in memory, without accelerate
+(for the variants loaded with `from_pretrained`, the same saved directory loaded without a device map).
+Every dispatched variant must give identical values, outputs and gradients; after
 every call accelerate's own hooks (``_hf_hook``, the wrapped ``forward``) are exactly those it
 installed, no torch hook is left, and offloaded weights are back on ``meta``. On a CPU-only machine
 every execution device is ``cpu``; the ``cuda:0``/``cpu`` split runs where a GPU is present.
@@ -37,8 +38,8 @@ CUDA_MAPS = {  # executed on two devices: block 0 on the GPU, the rest on the CP
     "llama": {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
               "model.norm": "cpu", "lm_head": "cpu"},
 }
-HOW = ["device_map", "cpu_offload", "disk_offload", "disk_offload_preload", "from_pretrained", "auto", "auto_all_disk",
-       pytest.param("cuda_cpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+HOW = ["device_map", "cpu_offload", "disk_offload", "disk_offload_preload", "from_pretrained", "auto",
+       "auto_all_disk", pytest.param("cuda_cpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 def dispatched(family: str, how: str, tmp) -> torch.nn.Module:
@@ -166,7 +167,7 @@ def test_get_value(pair, clean, site):
 
 
 def test_values_come_back_on_the_execution_device_of_their_module(pair, clean):
-    ref, model, family = pair
+    _, model, _ = pair
     names = [f"layers.{i}.{kind}" for i in range(2) for kind in ("input", "attention_output", "output")]
     values = iv.get_value(model, BASE, names)
     graph = iv.SiteGraph.from_model(model)
