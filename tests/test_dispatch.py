@@ -11,6 +11,8 @@ every execution device is ``cpu``; the ``cuda:0``/``cpu`` split runs where a GPU
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import accelerate
 import pytest
@@ -314,3 +316,14 @@ def test_errors_inside_offloaded_blocks_leave_nothing_behind(pair, clean):
     with pytest.raises(iv.InterventionError):
         iv.interchange(model, BASE, SOURCE, "layers.1.attention_output", intervention=lambda b, s: s[..., :3])
     equal(model, model(BASE).logits, ref(BASE).logits)  # and the model still runs, unchanged
+
+
+def test_the_docs_example_runs():
+    """docs/dispatch.md's example, as written (a tiny Llama saved and reloaded with blocks on disk)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dispatch.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "docs/dispatch.md", "exec"), scope)
+    assert scope["values"]["layers.1.output"].device == torch.device("cpu")
+    assert scope["model"].model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    assert scope["out"].logits.shape == (2, 8, 100)
