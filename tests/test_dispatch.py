@@ -321,7 +321,7 @@ def test_errors_inside_offloaded_blocks_leave_nothing_behind(pair, clean):
 def test_the_docs_example_runs():
     """docs/dispatch.md's example, as written (a tiny Llama saved and reloaded with blocks on disk)."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "dispatch.md").read_text()
-    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     scope: dict = {}
     exec(compile(block, "docs/dispatch.md", "exec"), scope)
     assert scope["values"]["layers.1.output"].device == torch.device("cpu")
