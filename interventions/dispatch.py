@@ -14,7 +14,7 @@ from torch import nn
 
 def _hooks(module: nn.Module) -> list:
     """The accelerate hooks of `module` (a `SequentialHook` unpacked), or []."""
-    hook = getattr(module, "_hf_hook", None)
+    hook = module.__dict__.get("_hf_hook")  # set as a plain attribute; a dict lookup keeps plain models cheap
     if hook is None:
         return []
     return list(getattr(hook, "hooks", None) or [hook])
@@ -50,8 +50,11 @@ def release_offloaded(model: nn.Module) -> None:
     accelerate offloads a module's weights when its forward returns; a forward cut short by an
     exception (`StopForward` of `get_value`, an error in an intervention) skips that step for every
     module it was inside (notably blocks loaded whole through ``preload_module_classes``), which would
-    leave those weights on the execution device until the next complete call.
+    leave those weights on the execution device until the next complete call. A model accelerate has
+    not dispatched as a whole (no hook on its root, no ``hf_device_map``) is skipped at once.
     """
+    if model.__dict__.get("_hf_hook") is None and not model.__dict__.get("hf_device_map"):
+        return
     for module in model.modules():
         for hook in _hooks(module):
             if getattr(hook, "offload", False) and _loaded(module, hook):
