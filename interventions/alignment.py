@@ -60,7 +60,7 @@ def _image(key, value) -> frozenset:
 def _natural(atom) -> tuple:
     """Sort key that orders 'layers.10' after 'layers.9' and tolerates mixed atom types."""
     text = str(atom)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p) + (
+    return tuple((0, int(p), "") if p.isdecimal() else (1, 0, p) for p in re.split(r"(\d+)", text) if p) + (
         (2, 0, type(atom).__name__), (3, 0, repr(atom)))
 
 

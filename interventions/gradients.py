@@ -114,6 +114,7 @@ def value_and_grad(model: nn.Module, inputs: Inputs, sites, metric: Metric) -> V
     full_grads = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(names, grads)}
     values, out_grads = {}, {}
     for asked, site in zip(requested, prepared):
-        values[asked] = select(captured[site.name].detach(), site)
-        out_grads[asked] = select(full_grads[site.name], site)
+        layout = graph.point(site.name).layout  # attention_pattern: heads on axis 1, query positions on 2
+        values[asked] = select(captured[site.name].detach(), site, layout)
+        out_grads[asked] = select(full_grads[site.name], site, layout)
     return ValueAndGrad(value.detach(), MappingProxyType(values), MappingProxyType(out_grads))

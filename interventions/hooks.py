@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 
 from . import attention
+from .dispatch import release_offloaded, to_execution_device
 from .graph import SiteGraph, SitePoint
 
 Handler = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -136,6 +137,7 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
     def pre_hook(module, args, kwargs):
         key = _input_key(args, kwargs)
         value = args[key] if isinstance(key, int) else kwargs[key]
+        value = to_execution_device(module, value)  # where accelerate would move it (dispatch.py)
         if heads is not None:
             value = rearrange(value, "... (h d) -> ... h d", h=heads)
         new = fn(value)
@@ -228,6 +230,9 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
             if inside:  # queries / keys / values / attention_pattern: attention.py's interception
                 stack.enter_context(attention.intercepted(inside))
             yield
+    except BaseException:
+        release_offloaded(graph.model)  # a forward cut short keeps accelerate's offloaded weights loaded
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -248,4 +253,5 @@ def run_until(model, inputs, graph: SiteGraph, handlers: Mapping[str, Iterable[H
         try:
             return call(model, inputs)
         except StopForward:
+            release_offloaded(model)  # the forward ended inside a module: see dispatch.py
             return None

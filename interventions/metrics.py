@@ -60,7 +60,7 @@ class RotatedDims(Saveable, nn.Module):
                 f"a rotation of size {self.rotation.size} cannot rotate a value whose last axis has size "
                 f"{base.shape[-1]}"
             )
-        basis = self.rotation.weight[self.index].to(base.dtype)  # [k, size]
+        basis = self.rotation.weight[self.index].to(base.device, base.dtype)  # [k, size], on the site's device
         return base + ((source - base) @ basis.T) @ basis
 
 
@@ -172,4 +172,5 @@ def iit_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignmen
              interventions: Mapping | None = None, logits: Callable = logits_of) -> torch.Tensor:
     """Cross-entropy between the network's interchange logits and the counterfactual labels (has grads)."""
     out = interchange_output(model, batch, alignment, rotation=rotation, interventions=interventions)
-    return F.cross_entropy(logits(out), batch.labels.to(torch.long))
+    scores = logits(out)
+    return F.cross_entropy(scores, batch.labels.to(scores.device, torch.long))

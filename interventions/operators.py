@@ -61,7 +61,7 @@ class Constant(Intervention):
         return cls(activations.detach().mean(dim=dims, keepdim=True))
 
     def forward(self, base, source=None):
-        return self.value.to(base.dtype).expand_as(base)
+        return self.value.to(base.device, base.dtype).expand_as(base)
 
 
 class Add(Intervention):
@@ -79,7 +79,7 @@ class Add(Intervention):
         self.scale = scale
 
     def forward(self, base, source=None):
-        return base + self.scale * self.vector.to(base.dtype)
+        return base + self.scale * self.vector.to(base.device, base.dtype)
 
 
 class Rotation(Saveable, nn.Module):
@@ -150,7 +150,7 @@ class RotatedSubspace(Intervention):
 
     def forward(self, base, source=None):
         source = _need(source, "RotatedSubspace")
-        basis = self.rotation.weight[self.subspace].to(base.dtype)  # [k, size]
+        basis = self.rotation.weight[self.subspace].to(base.device, base.dtype)  # [k, size], on the site's device
         return base + ((source - base) @ basis.T) @ basis
 
 

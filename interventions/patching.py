@@ -268,7 +268,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
     # Apply the head to many copies' readout states at once, instead of once per forward (an LM head is a
     # vocabulary-sized matrix, read from memory at each call), when the model's logits are the head's output.
     head_at_end = (head is not None and len(states) == 1
-                   and torch.allclose(head(states[0])[:, 0], clean_rows, rtol=1e-4, atol=1e-5))
+                   and torch.allclose(head(states[0])[:, 0].to(clean_rows.device), clean_rows, rtol=1e-4, atol=1e-5))
     if metric is not None:
         _check_metric_value(metric(clean_rows), "on the clean run's logits")
     states.clear()
@@ -281,7 +281,7 @@ def patching_sweep(model: nn.Module, base: Inputs, source: Inputs, layers=None, 
 
     def flush() -> None:
         if states:
-            reduce(head(torch.cat(states))[:, 0])
+            reduce(head(torch.cat(states))[:, 0].to(clean_rows.device))  # where the model returns its logits
             states.clear()
 
     for layer, name in zip(order, names):

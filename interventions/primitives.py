@@ -357,7 +357,7 @@ def _mixer(base_site: Site, source_value: Callable[[], torch.Tensor], interventi
            layout: Layout = Layout.TOKENS) -> Handler:
     def handler(full):
         base = select(full, base_site, layout)
-        src = source_value()
+        src = source_value().to(full.device)  # read on the source site's device (dispatched models)
         new = src if intervention is None else intervention(base, src)
         _check_value(base_site, full, new, layout)
         return write(full, base_site, new, layout)
@@ -475,7 +475,7 @@ def _interchange_in_batch(model, graph: SiteGraph, base, prepared):
 
             def mix(full, key=key, b=b, interv=interv, lb=lb):
                 base_rows = full[:batch]
-                src = captured[key]
+                src = captured[key].to(full.device)
                 new = src if interv is None else interv(select(base_rows, b, lb), src)
                 _check_value(b, base_rows, new, lb)
                 return torch.cat([write(base_rows, b, new, lb), full[batch:]])

@@ -197,9 +197,14 @@ def select(value: torch.Tensor, site: Site, layout: Layout = Layout.TOKENS) -> t
 
 
 def write(value: torch.Tensor, site: Site, new: torch.Tensor, layout: Layout = Layout.TOKENS) -> torch.Tensor:
-    """`value` with `site`'s slice replaced by `new`, out of place (gradients reach both)."""
+    """`value` with `site`'s slice replaced by `new`, out of place (gradients reach both).
+
+    `new` is moved to `value`'s device and cast to its dtype (a value set from another device, e.g.
+    on a model dispatched by accelerate, lands where the model computes).
+    """
     idx = site.index(value.shape, value.device, layout)
+    new = new.to(device=value.device, dtype=value.dtype)
     if idx is None:
         return new.expand_as(value) if new.shape != value.shape else new
     target_shape = torch.broadcast_shapes(*(i.shape for i in idx))
-    return value.index_put(idx, new.to(value.dtype).expand(target_shape))
+    return value.index_put(idx, new.expand(target_shape))

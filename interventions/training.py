@@ -23,16 +23,19 @@ from .metrics import iit_loss, logits_of
 
 @contextmanager
 def frozen(*modules: nn.Module):
-    """Set ``requires_grad=False`` on the modules' parameters for the block; restore them afterwards."""
-    params = [p for m in modules for p in m.parameters()]
-    saved = [p.requires_grad for p in params]
+    """Set ``requires_grad=False`` on the modules' parameters for the block; restore them afterwards.
+
+    Restored by name, not by object: accelerate's offloading replaces a module's parameter objects at
+    every call (loaded for the forward, back on ``meta`` after), keeping their ``requires_grad``.
+    """
+    saved = [(m, name, p.requires_grad) for m in modules for name, p in m.named_parameters()]
     try:
-        for p in params:
-            p.requires_grad_(False)
+        for m, name, _ in saved:
+            m.get_parameter(name).requires_grad_(False)
         yield
     finally:
-        for p, r in zip(params, saved):
-            p.requires_grad_(r)
+        for m, name, r in saved:
+            m.get_parameter(name).requires_grad_(r)
 
 
 def das_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignment, *, rotation=None,
@@ -56,7 +59,8 @@ def das_loss(model: nn.Module, batch: CounterfactualDataset, alignment: Alignmen
 
 def task_loss(model: nn.Module, batch: CounterfactualDataset, logits=logits_of) -> torch.Tensor:
     """Cross-entropy of the network on the bases against the causal model's (un-intervened) labels."""
-    return F.cross_entropy(logits(call(model, batch.base_inputs)), batch.base_labels.to(torch.long))
+    scores = logits(call(model, batch.base_inputs))
+    return F.cross_entropy(scores, batch.base_labels.to(scores.device, torch.long))
 
 
 def mixed_batches(datasets: Sequence[CounterfactualDataset], batch_size: int,
