@@ -11,7 +11,7 @@ This module is the public API — everything applications may use:
 - errors: `InterventionError` and its subclasses.
 """
 
-from . import alignments
+from . import layer_alignments as alignments  # the public name: iv.alignments.full(...)
 from .alignment import Alignment, interchange_aligned
 from .cache import BlockRecording, record_blocks, replay_blocks
 from .causal_model import CausalModel, CounterfactualDataset

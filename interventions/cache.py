@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import InterventionError, ShapeError, UnsupportedModelError
 from .graph import SiteGraph
-from .hooks import _first
+from .hooks import _first, _main_input
 
 _MISSING = object()
 
@@ -31,14 +31,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
             "recorded or replayed."
         )
     return [graph.point(f"layers.{i}.output").module for i in range(graph.num_layers)]
-
-
-def _layers(layers, n: int) -> list[int]:
-    out = list(range(n)) if layers is None else [int(i) for i in layers]
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise InterventionError(f"layers {bad} out of range: the model has {n} blocks (valid 0..{n - 1})")
-    return out
 
 
 class BlockRecording:
@@ -85,7 +77,7 @@ def record_blocks(model: nn.Module, layers: Iterable[int] | None = None):
     Yields a `BlockRecording`; each forward overwrites the previous one's entries.
     """
     blocks = _blocks(model)
-    chosen = _layers(layers, len(blocks))
+    chosen = SiteGraph.from_model(model).layer_indices(list(layers) if layers is not None else None, allow_empty=True)
     recording = BlockRecording(len(blocks))
 
     def make(i, forward):
@@ -97,15 +89,6 @@ def record_blocks(model: nn.Module, layers: Iterable[int] | None = None):
 
     with _patched(blocks, chosen, make):
         yield recording
-
-
-def _input_tensor(args, kwargs):
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    value = kwargs.get("hidden_states")
-    if isinstance(value, torch.Tensor):
-        return value
-    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
 def _repeated(output, repeat: int):
@@ -155,7 +138,7 @@ def replay_blocks(model: nn.Module, recording: BlockRecording, upto: int, repeat
         output = _repeated(recording.outputs[i], repeat)
 
         def replayed(*args, **kwargs):
-            x = _input_tensor(args, kwargs)
+            x = _main_input(args, kwargs)
             if x is not None and tuple(x.shape[:2]) != expected:
                 raise ShapeError(
                     f"replaying block {i}: its input has batch/sequence shape {tuple(x.shape[:2])}, the recording "

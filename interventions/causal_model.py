@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import networkx as nx
 import torch
 
 from .errors import CausalModelError
+from .hooks import Inputs
 
 Values = dict[str, Any]
-Inputs = Union[torch.Tensor, Mapping]  # noqa: UP007 (a runtime alias)
 Sampler = Callable[[int, torch.Generator], Mapping[str, torch.Tensor]]
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import difflib
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import networkx as nx
+import torch
 from torch import nn
 
 from . import attention
@@ -340,6 +342,32 @@ class SiteGraph:
         if rest.endswith(":input"):
             return rest[: -len(":input")], "input"
         return rest, "output"
+
+    def layer_indices(self, layers, allow_empty: bool = False) -> list[int]:
+        """Validated block indices in the caller's order: None (all), an int, or a list of ints (or a
+        tensor); negatives count from the end. Raises SelectorError naming the valid range."""
+        n = self.num_layers
+        if layers is None:
+            return list(range(n))
+        if isinstance(layers, torch.Tensor):
+            layers = layers.flatten().tolist()
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if isinstance(layers, Sequence) and not isinstance(layers, (str, bytes)) and not layers and allow_empty:
+            return []
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise SelectorError(f"layers must be None (all) or a non-empty list of layer indices, got {layers!r}")
+        bad_type = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]
+        if bad_type:
+            raise SelectorError(f"layers must be ints (0..{n - 1}, or negative from the end), got {bad_type[0]!r}")
+        bad = [x for x in layers if not -n <= x < n]
+        if bad:
+            raise SelectorError(f"layers {bad} out of range: the model has {n} blocks (valid 0..{n - 1}, or "
+                                "negative from the end)")
+        out = [x % n for x in layers]
+        if len(set(out)) != len(out):
+            raise SelectorError(f"layers must not repeat, got {list(layers)}")
+        return out
 
     def order(self, name: str) -> int | None:
         """Position of a canonical site in computation order (None for module paths)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 from einops import rearrange
@@ -34,11 +34,15 @@ def _main_key(output: Mapping):
 
 
 def _first(output):
+    """A module's or model's main output tensor: the tensor itself, a ModelOutput's 'logits' (or first
+    entry), or a tuple's first element. The one place that knows where outputs keep their tensor."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):  # a Hugging Face ModelOutput (an OrderedDict)
         return output[_main_key(output)]
-    return output[0]
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return None
 
 
 def _replace_first(output, new):
@@ -51,15 +55,19 @@ def _replace_first(output, new):
 
 
 def _input_key(args, kwargs):
-    """Where a module's main input is: a positional index or a keyword."""
-    if args:
+    """Where a module's main input is: a positional index or a keyword (None when it got no tensor).
+    The one place that knows where a module call keeps its hidden states."""
+    if args and isinstance(args[0], torch.Tensor):
         return 0
-    if "hidden_states" in kwargs:
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return "hidden_states"
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            return key
-    raise RuntimeError("hooked module received no tensor input")
+    return next((key for key, value in kwargs.items() if isinstance(value, torch.Tensor)), None)
+
+
+def _main_input(args, kwargs) -> torch.Tensor | None:
+    """A module call's main input tensor, or None."""
+    key = _input_key(args, kwargs)
+    return None if key is None else args[key] if isinstance(key, int) else kwargs[key]
 
 
 def _unflattened(point: SitePoint, fn: Handler) -> tuple[Handler, list]:
@@ -67,8 +75,7 @@ def _unflattened(point: SitePoint, fn: Handler) -> tuple[Handler, list]:
     lead: list = []
 
     def record(module, args, kwargs):
-        key = _input_key(args, kwargs)
-        lead[:] = (args[key] if isinstance(key, int) else kwargs[key]).shape[:-1]
+        lead[:] = _main_input(args, kwargs).shape[:-1]
 
     def view_fn(value):
         new = fn(value.view(*lead, value.shape[-1]) if value.dim() == 2 and lead else value)
@@ -136,6 +143,8 @@ def _make_hook(point: SitePoint, fn: Handler) -> list:
 
     def pre_hook(module, args, kwargs):
         key = _input_key(args, kwargs)
+        if key is None:
+            raise RuntimeError(f"hooked module {type(module).__name__} received no tensor input")
         value = args[key] if isinstance(key, int) else kwargs[key]
         value = to_execution_device(module, value)  # where accelerate would move it (dispatch.py)
         if heads is not None:
@@ -238,7 +247,11 @@ def hooked(graph: SiteGraph, handlers: Mapping[str, Iterable[Handler]], stop_aft
             h.remove()
 
 
-def call(model, inputs):
+#: A model's inputs: a tensor (its first argument) or a mapping of keyword arguments (a BatchEncoding).
+Inputs = Union[torch.Tensor, Mapping]  # noqa: UP007 (a runtime alias)
+
+
+def call(model, inputs: Inputs):
     """Call `model` on `inputs`: a tensor (first argument) or a mapping of keyword arguments."""
     if isinstance(inputs, Mapping):
         return model(**inputs)

@@ -19,6 +19,7 @@ from torch import nn
 from .alignment import Alignment
 from .causal_model import CausalModel, CounterfactualDataset
 from .errors import AlignmentError, CausalModelError, InterventionError
+from .hooks import _first
 from .operators import Rotation
 from .primitives import interchange
 from .registry import Saveable
@@ -35,7 +36,13 @@ class IIAResult:
 
 
 class RotatedDims(Saveable, nn.Module):
-    """Interchange coordinates `dims` of R·h (R a shared `Rotation`); the rest of h keeps the base."""
+    """Interchange coordinates `dims` of R·h (R a shared `Rotation`); the rest of h keeps the base.
+
+    What only it does, next to `RotatedSubspace`: `dims` is any set of rotated coordinates (not only a
+    contiguous slice), validated as an alignment's image (AlignmentError), and it never owns its
+    rotation: `iia`/`iit_loss`/`das_loss` build one per aligned variable from ``rotation=`` and the
+    alignment's dims. Use `RotatedSubspace` to write a DAS intervention by hand.
+    """
 
     def __init__(self, rotation: Rotation, dims):
         super().__init__()
@@ -112,14 +119,13 @@ def interchange_output(model: nn.Module, batch: CounterfactualDataset, alignment
 
 
 def logits_of(output) -> torch.Tensor:
-    """The logits tensor of a model output (a tensor, an object with `.logits`, or a tuple's first)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise InterventionError(f"cannot find logits in a model output of type {type(output).__name__}")
+    """The logits tensor of a model output (a tensor, a ModelOutput's `logits`, or a tuple's first)."""
+    logits = _first(output)
+    if logits is None:  # an output object that is neither a mapping nor a tuple
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise InterventionError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits
 
 
 def _datasets(dataset) -> list[CounterfactualDataset]:

@@ -134,7 +134,10 @@ class RotatedSubspace(Intervention):
     """DAS: interchange the `subspace` coordinates of R·h, keep the rest of the base.
 
     new = base + (source - base) Rₖᵀ Rₖ, with Rₖ the subspace's rows of the orthogonal R. Several
-    variables can share one `Rotation` with disjoint subspaces (`with_subspace`).
+    variables can share one `Rotation` with disjoint subspaces (`with_subspace`). The hand-written
+    form: it creates its rotation when none is given and takes a contiguous subspace (a size k = the
+    first k rows, or a slice); `metrics.RotatedDims` is the alignment-driven form (any rows, a shared
+    rotation always).
     """
 
     def __init__(self, size: int, subspace: int | slice, rotation: Rotation | None = None):

@@ -52,25 +52,10 @@ def _site_name(graph: SiteGraph, site) -> str:
 
 
 def _layer_list(graph: SiteGraph, layers, site: str) -> list[int]:
-    """Validated layer indices (negatives count from the end), in the caller's order."""
-    n = graph.num_layers
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if isinstance(layers, torch.Tensor):
-        layers = layers.flatten().tolist()
-    if not isinstance(layers, Sequence) or isinstance(layers, str) or not layers:
-        raise SelectorError(f"layers must be None (all) or a non-empty list of layer indices, got {layers!r}")
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise SelectorError(f"layers must be ints (0..{n - 1}, or negative from the end), got {layer!r}")
-        absolute = layer + n if -n <= layer < 0 else layer
-        graph.point(f"layers.{absolute}.{site}")  # UnknownSiteError (with valid names) when out of range
-        out.append(absolute)
-    if len(set(out)) != len(out):
-        raise SelectorError(f"layers must not repeat, got {list(layers)}")
+    """Validated layer indices (negatives count from the end), in the caller's order, each having `site`."""
+    out = graph.layer_indices(layers)
+    for layer in out:
+        graph.point(f"layers.{layer}.{site}")  # UnknownSiteError (with valid names) where a layer lacks it
     return out
 
 

@@ -14,10 +14,9 @@ from torch import nn
 
 from .errors import InterventionError, SelectorError, ShapeError
 from .graph import HEAD_KINDS, SiteGraph, check_dims
-from .hooks import Handler, cache_length, call, hooked, run_until
+from .hooks import Handler, Inputs, cache_length, call, hooked, run_until
 from .sites import Layout, Site, SiteLike, as_site, select, write
 
-Inputs = Union[torch.Tensor, Mapping]
 Value = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 

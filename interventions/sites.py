@@ -144,10 +144,20 @@ class Site:
 
         Returns None when the site selects the whole value. Positions index axis 1, heads axis 2
         (head sites), dims the last axis; on 4-D values `layout` may swap positions and heads
-        (`Layout.PATTERN`: heads axis 1, query positions axis 2).
+        (`Layout.PATTERN`: heads axis 1, query positions axis 2). Built once per (shape, device,
+        layout) and kept: a hook that fires at every forward reuses it instead of rebuilding it.
         """
         if self.is_whole:
             return None
+        key = (tuple(shape), str(device), layout)
+        memo = self.__dict__.get("_index_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        idx = self._build_index(tuple(shape), device, layout)
+        object.__setattr__(self, "_index_memo", (key, idx))
+        return idx
+
+    def _build_index(self, shape: tuple, device, layout: Layout) -> tuple:
         nd = len(shape)
         batch = shape[0]
 

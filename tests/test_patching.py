@@ -280,7 +280,7 @@ def _padded(seed):
     [
         ({"base": tokens(2, SEQ, seed=9)}, ShapeError, "shape [2, 6]"),
         ({"source": tokens(1, SEQ + 1, seed=9)}, ShapeError, "shape [1, 6]"),
-        ({"layers": [0, 5]}, UnknownSiteError, "layers.5.output"),
+        ({"layers": [0, 5]}, SelectorError, "layers [5] out of range: the model has 2 blocks (valid 0..1"),
         ({"layers": [0, 0]}, SelectorError, "repeat"),
         ({"layers": ["0"]}, SelectorError, "ints"),
         ({"positions": [0, SEQ]}, SelectorError, "out of range"),
