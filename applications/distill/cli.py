@@ -43,6 +43,9 @@ HELP = {
                             "(never the teacher's or student's directory)",
     "vocab_size": "vocabulary of a tokenizer trained when the teacher has none", "text_column": "jsonl/dataset text field",
     "progress": "show a progress bar", "plot": "write loss_curve.png at the end",
+    "bf16": "bf16 autocast (CPU or GPU)", "fp16": "fp16 autocast with loss scaling (GPU; bf16 autocast on a CPU)",
+    "teacher_dtype": "the frozen teacher's dtype: float32, bfloat16 or float16 (default: as loaded)",
+    "eval_steps": "with --eval-file: also evaluate the training losses on it every N steps (logged as eval_loss*)",
 }
 
 
@@ -64,6 +67,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _floats
         elif isinstance(default, (int, float)) and f.name != "student_layers":
             kwargs["type"] = type(default)
+        elif f.name == "eval_steps":
+            kwargs["type"] = int
+        if f.name == "teacher_dtype":
+            kwargs["choices"] = ("float32", "bfloat16", "float16", "auto")
         parser.add_argument(flag, **kwargs)
 
 

@@ -100,6 +100,10 @@ class DistillConfig:
     text_column: str = "text"
     progress: bool = True
     plot: bool = True
+    bf16: bool = False  # bf16 autocast (CPU and GPU)
+    fp16: bool = False  # fp16 autocast with loss scaling (GPU; on a CPU it runs as bf16 autocast)
+    teacher_dtype: str | None = None  # float32, bfloat16 or float16: the frozen teacher's dtype
+    eval_steps: int | None = None  # evaluate --eval-file every N steps (its losses in the logs)
 
     def __post_init__(self):
         if self.alignment not in ALIGNMENTS:

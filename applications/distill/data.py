@@ -91,19 +91,27 @@ class TokenizedTexts(Dataset):
 
 
 class Collator:
-    """Right-pads a list of examples into input_ids / attention_mask / idx tensors."""
+    """Right-pads examples into input_ids / attention_mask tensors (the Trainer moves them to the device).
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    `idx` (dataset indices, which key the random draws) and `lengths` stay Python lists, so a step
+    never reads them back from the device. Class labels (a `labels` int per example) become a
+    tensor; `lm_labels` adds next-token labels (the input ids, -100 on padding).
+    """
+
+    def __init__(self, pad_token_id: int, lm_labels: bool = False):
+        self.pad_token_id, self.lm_labels = pad_token_id, lm_labels
 
     def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for r, f in enumerate(features):
-            ids[r, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
-            mask[r, : len(f["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "idx": torch.tensor([f["idx"] for f in features])}
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        ids = torch.tensor([f["input_ids"] + [self.pad_token_id] * (width - n) for f, n in zip(features, lengths)])
+        mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+        batch = {"input_ids": ids, "attention_mask": mask, "idx": [f["idx"] for f in features], "lengths": lengths}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        elif self.lm_labels:
+            batch["labels"] = ids.masked_fill(mask == 0, -100)
+        return batch
 
 
 #: BERT's special tokens, in the id order both BERT-style tokenizers here give them (0..4).

@@ -11,25 +11,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from dataclasses import replace
+
 import torch
-import torch.nn.functional as F
 
 from interventions import record_blocks
 
 from .batching import BatchRecipe, prepare
 from .data import Collator, TokenizedTexts
 from .models import is_causal_lm, max_tokens
-from .objectives import top1_agreement
+from .objectives import nll_sum, top1_agreement
 from .step import aligned_pairs, counterfactual
 from .student import num_layers
 
 EVAL_STEP = -1  # the masking/span stream reserved for evaluation
 
 
-def _batches(dataset, tokenizer, batch_size):
+def _batches(dataset, tokenizer, batch_size, device):
+    """Padded batches with their tensors on the model's `device` (idx and lengths stay lists)."""
     collate = Collator(tokenizer.pad_token_id)
     for start in range(0, len(dataset), batch_size):
-        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _recipe(model, tokenizer, seed, pairs=(), span_fraction=0.3) -> BatchRecipe:
@@ -44,19 +51,16 @@ def _recipe(model, tokenizer, seed, pairs=(), span_fraction=0.3) -> BatchRecipe:
 def perplexity(model, dataset, tokenizer, seed: int = 0, batch_size: int = 16) -> float:
     """exp(mean cross-entropy): next-token for causal LMs, masked positions for masked LMs."""
     model.eval()
+    device = _device(model)
     recipe = _recipe(model, tokenizer, seed)
-    total, count = 0.0, 0
-    for batch in _batches(dataset, tokenizer, batch_size):
+    recipe = replace(recipe, token_weights=recipe.token_weights.to(device))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    for batch in _batches(dataset, tokenizer, batch_size, device):
         p = prepare(batch, EVAL_STEP, recipe)
-        logits = model(**p.inputs).logits
-        if recipe.causal:
-            logits, labels = logits[:, :-1], p.labels[:, 1:]
-        else:
-            labels = p.labels
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                       reduction="sum"))
-        count += int((labels != -100).sum())
-    return math.exp(total / max(count, 1))
+        nll, n = nll_sum(model(**p.inputs).logits, p.labels, recipe.causal)
+        total, count = total + nll.double(), count + n
+    return math.exp(float(total) / max(int(count), 1))  # the one host read
 
 
 @torch.no_grad()
@@ -70,7 +74,7 @@ def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = 0, b
     per_pair = {}
     for s_layer, t_layers in pairs:
         agree = counted = 0
-        for batch in _batches(dataset, tokenizer, batch_size):
+        for batch in _batches(dataset, tokenizer, batch_size, _device(student)):
             if len(batch["idx"]) < 2:
                 continue
             p = prepare(batch, EVAL_STEP, recipe)

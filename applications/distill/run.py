@@ -25,6 +25,7 @@ from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
 from .step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
+from .methods import LMDistillation
 from .trainer import CSVLogCallback, DistillTrainer
 
 
@@ -63,7 +64,29 @@ def training_arguments(cfg: DistillConfig) -> TrainingArguments:
         save_strategy="steps", save_steps=cfg.save_steps, report_to=["tensorboard"], seed=cfg.seed,
         data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        **precision_and_eval(cfg),
     )
+
+
+def precision_and_eval(cfg) -> dict:
+    """TrainingArguments for --bf16 / --fp16 (autocast; on a CPU fp16 falls back to bf16 autocast, which
+    is what CPUs support) and periodic evaluation every --eval-steps when an eval file is given."""
+    cpu = not torch.cuda.is_available()
+    out = {"bf16": bool(cfg.bf16 or (cfg.fp16 and cpu)), "fp16": bool(cfg.fp16 and not cpu),
+           "logging_nan_inf_filter": False, "prediction_loss_only": True}
+    if cfg.eval_file and cfg.eval_steps:
+        out.update(eval_strategy="steps", eval_steps=cfg.eval_steps, per_device_eval_batch_size=cfg.batch_size)
+    return out
+
+
+def teacher_dtype(name: str | None):
+    """The --teacher-dtype option as a torch dtype (None: the teacher stays as loaded)."""
+    if name in (None, "", "auto"):
+        return None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise DistillConfigError(f"teacher_dtype must be one of {', '.join(dtypes)} (or auto), got {name!r}")
+    return dtypes[name]
 
 
 def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=None, callbacks=()) -> dict:
@@ -106,10 +129,12 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     if not causal and tokenizer.mask_token_id is None:
         raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     out = Path(cfg.output_dir)
+    eval_dataset = TokenizedTexts(eval_texts, tokenizer, max_length, min_len, source=cfg.eval_file) \
+        if eval_texts is not None and cfg.eval_steps else None
     trainer = DistillTrainer(
-        model=student, args=training_arguments(cfg), train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id), teacher=teacher, objectives=objectives, recipe=recipe,
-        projection=projection, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+        model=student, args=training_arguments(cfg), train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=Collator(tokenizer.pad_token_id), method=LMDistillation(teacher, objectives, recipe, projection),
+        teacher_dtype=teacher_dtype(cfg.teacher_dtype), callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
@@ -214,8 +239,8 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) 
     begin_run(out, sources={}, overwrite=cfg.overwrite_output_dir)
     trainer = DistillTrainer(
         model=model, args=training_arguments(cfg), train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id), teacher=None,
-        objectives=Objectives({"clm" if causal else "mlm": 1.0}, causal), recipe=recipe,
+        data_collator=Collator(tokenizer.pad_token_id),
+        method=LMDistillation(None, Objectives({"clm" if causal else "mlm": 1.0}, causal), recipe),
         callbacks=[CSVLogCallback(out / "log.csv")])
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)

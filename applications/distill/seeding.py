@@ -6,6 +6,7 @@ spans independent of the process layout (1 process or DDP) and of interruptions 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 import torch
@@ -30,3 +31,11 @@ def generator(*parts: int) -> torch.Generator:
 def row_generators(seed: int, step: int, ids: Iterable[int], stream: int) -> list[torch.Generator]:
     """One generator per example (by its dataset index), for one purpose (`stream`) at one step."""
     return [generator(seed, step, int(i), stream) for i in ids]
+
+
+def rng(source: int | torch.Generator) -> random.Random:
+    """A Python RNG for one stream: its draws are plain numbers (no tensor, so no device sync) on any device.
+
+    `source` is an integer key or a torch generator made by `generator` (its seed is the key).
+    """
+    return random.Random(source if isinstance(source, int) else source.initial_seed())

@@ -36,6 +36,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example, longer ones truncated (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _trainer_flags(p)
+
+
+def _trainer_flags(p: argparse.ArgumentParser) -> None:
+    """What every stage gets from the one trainer (as `train` has them)."""
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--logging-steps", type=int, default=1, help="log every N steps (default 1)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: no intermediate checkpoints)")
+    p.add_argument("--eval-steps", type=int, help="with --eval-file: evaluate the stage's losses every N steps")
+    p.add_argument("--resume", dest="resume", help="continue from a checkpoint-N directory of this run")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU; bf16 autocast on a CPU)")
+    p.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="dtype of the frozen models (teacher, its filters; the model in stage 1)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="show a progress bar")
 
 
 def _filter_flags(p: argparse.ArgumentParser) -> None:
@@ -128,12 +143,16 @@ def _tokenizer(*paths):
                              "save one next to the model (tokenizer.save_pretrained)")
 
 
-def _options(args, prefix: str = ""):
+def _options(args, prefix: str = "", output_dir=None):
     from .ted_train import LoopOptions
 
     return LoopOptions(steps=getattr(args, f"{prefix}steps"), batch_size=args.batch_size,
                        learning_rate=getattr(args, f"{prefix}learning_rate"), max_length=args.max_length,
-                       seed=args.seed)
+                       seed=args.seed, grad_accum=args.grad_accum, logging_steps=args.logging_steps,
+                       save_steps=args.save_steps, eval_steps=args.eval_steps if getattr(args, "eval_file", None) else None,
+                       output_dir=str(output_dir) if output_dir else None,
+                       resume=args.resume if not prefix else None, bf16=args.bf16, fp16=args.fp16,
+                       teacher_dtype=args.teacher_dtype, progress=args.progress)
 
 
 def _check_filter_file(output, args) -> None:
@@ -144,6 +163,12 @@ def _check_filter_file(output, args) -> None:
         raise DistillConfigError(f"--output {output!r} exists; choose a new file or pass --overwrite-output-dir")
 
 
+def _stage1_logs(output) -> Path:
+    """Stage 1's logs (log.csv, TensorBoard, loss curve) go beside its filter file: f.pt -> f_logs/."""
+    path = Path(output)
+    return path.with_name(path.stem + "_logs")
+
+
 def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> dict:
     from . import ted_train as tt
 
@@ -151,7 +176,7 @@ def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> di
     model = tt.load_model(model_dir)
     task = tt.task_of(model)
     tok = _tokenizer(model_dir, width_from)
-    opts = _options(args, prefix)
+    opts = _options(args, prefix, _stage1_logs(output))
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
     width = args.filter_width or (tt.hidden_size(tt.load_model(width_from)) if width_from else None)
     filters, losses = tt.stage1(model, data, interval=interval, width=width, kind=args.filter, options=opts)
@@ -163,12 +188,12 @@ def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> di
 def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
     from . import ted_train as tt
 
-    config = TEDConfig(mode=args.mode, filter=args.filter if hasattr(args, "filter") else "linear",
-                       teacher_interval=args.teacher_interval, student_interval=args.student_interval,
+    config = TEDConfig(mode=args.mode, teacher_interval=args.teacher_interval, student_interval=args.student_interval,
                        alpha_task=args.alpha_task, alpha_kl=args.alpha_kl, alpha_mse=args.alpha_mse,
                        temperature=args.temperature)
     sources = {"teacher": args.teacher, "student": args.student}
-    out = claim_output_dir(output_dir, sources=sources, overwrite=args.overwrite_output_dir)
+    out = claim_output_dir(output_dir, sources=sources, overwrite=args.overwrite_output_dir,
+                           resuming=bool(args.resume))
     t_filters = s_filters = None
     if config.mode == "ted":  # missing files fail before any model is loaded
         t_filters = tt.load_filters(teacher_filters, "teacher")
@@ -176,15 +201,16 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
     teacher, student = tt.load_model(args.teacher), tt.load_model(args.student)
     task = tt.task_of(teacher)
     tok = _tokenizer(args.teacher, args.student)
-    opts = _options(args)
+    opts = _options(args, output_dir=output_dir)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(teacher, task)) \
+        if args.eval_file else None
     begin_run(out, sources=sources, overwrite=args.overwrite_output_dir)
-    _, log = tt.stage2(config, teacher, student, data, opts, t_filters, s_filters)
+    _, log = tt.stage2(config, teacher, student, data, opts, t_filters, s_filters, eval_data=ev)
     out = tt.export(student, output_dir, tok)
     summary = {"student": str(out), "mode": config.mode, "task": task, "steps": len(log),
                "first": log[0], "last": log[-1]}
-    if args.eval_file:
-        ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    if ev is not None:
         summary["eval"] = tt.evaluate(student, ev)
     (Path(out) / "ted_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -193,19 +219,21 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
 def _finetune(args) -> dict:
     from . import ted_train as tt
 
-    out = claim_output_dir(args.output_dir, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
+    out = claim_output_dir(args.output_dir, sources={"model": args.model}, overwrite=args.overwrite_output_dir,
+                           resuming=bool(args.resume))
     model = tt.load_model(args.model)
     task = tt.task_of(model)
     tok = _tokenizer(args.model)
-    opts = _options(args)
+    opts = _options(args, output_dir=args.output_dir)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
+    ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(model, task)) \
+        if args.eval_file else None
     begin_run(out, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
-    losses = tt.finetune(model, data, opts)
+    losses = tt.finetune(model, data, opts, ev)
     out = tt.export(model, args.output_dir, tok)
     summary = {"model": str(out), "task": task, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
-    if args.eval_file:
-        summary["eval"] = tt.evaluate(model, tt.task_data(args.eval_file, tok, task, opts.max_length,
-                                                          tt.num_outputs(model, task)))
+    if ev is not None:
+        summary["eval"] = tt.evaluate(model, ev)
     return summary
 
 
