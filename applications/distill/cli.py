@@ -132,6 +132,12 @@ def run_eval(args) -> dict:
         from .student import check_compatible
 
         check_compatible(model, teacher)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # evaluate where the batches are built: the model's device
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
     return evaluate(model, texts, ensure_pad(tokenizer), teacher=teacher, alignment=args.alignment,
                     max_length=args.max_length, seed=args.seed, batch_size=args.batch_size,
                     span_fraction=args.span_fraction)

@@ -245,12 +245,12 @@ def _warmup_steps(options: LoopOptions) -> int:
     return math.ceil(options.warmup_ratio * options.steps)
 
 
-def training_arguments(options: LoopOptions, output_dir: str) -> tf.TrainingArguments:
+def training_arguments(options: LoopOptions, output_dir: str, evaluate: bool = False) -> tf.TrainingArguments:
     """The stage's TrainingArguments: AdamW, linear warmup and decay (transformers.get_scheduler)."""
     cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     evaluate_every = {"eval_strategy": "steps", "eval_steps": options.eval_steps,
-                      "per_device_eval_batch_size": options.batch_size} if options.eval_steps else {}
+                      "per_device_eval_batch_size": options.batch_size} if options.eval_steps and evaluate else {}
     return tf.TrainingArguments(
         output_dir=output_dir, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
@@ -278,8 +278,8 @@ def run_method(model: nn.Module, method: Method, data: TaskData, options: LoopOp
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(options.output_dir) if options.output_dir else Path(tmp)
         logs = [CSVLogCallback(out / "log.csv")] if options.output_dir else []
-        trainer = DistillTrainer(model=model, args=training_arguments(options, str(out)), train_dataset=data,
-                                 eval_dataset=eval_data if options.eval_steps else None,
+        trainer = DistillTrainer(model=model, args=training_arguments(options, str(out), eval_data is not None),
+                                 train_dataset=data, eval_dataset=eval_data if options.eval_steps else None,
                                  data_collator=data.collator(), method=method,
                                  teacher_dtype=teacher_dtype(options.teacher_dtype), callbacks=[*logs, *callbacks])
         if not options.progress:

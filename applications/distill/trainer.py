@@ -166,7 +166,8 @@ class DistillTrainer(Trainer):
 
 
 class _FiniteGuard(TrainerCallback):
-    """Runs the trainer's one check per optimizer step, after accumulation and before the update."""
+    """Runs the trainer's one check per optimizer step, after accumulation and before the update; clears
+    the extra modules' gradients after it (the Trainer zeroes only its model's)."""
 
     def __init__(self, trainer: DistillTrainer):
         self.trainer = trainer
@@ -175,6 +176,10 @@ class _FiniteGuard(TrainerCallback):
         self.trainer.sync_extra_grads()
         self.trainer._extras_synced = False
         self.trainer.check_finite()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.extra_params:
+            p.grad = None
 
 
 class CSVLogCallback(TrainerCallback):
