@@ -18,12 +18,16 @@ from interventions import record_blocks
 
 from .batching import BatchRecipe, prepare
 from .data import Collator, TokenizedTexts
+from .errors import DataError
 from .models import is_causal_lm, max_tokens
 from .objectives import top1_agreement
 from .step import aligned_pairs, counterfactual
 from .student import num_layers
 
 EVAL_STEP = -1  # the masking/span stream reserved for evaluation
+#: The seed of every evaluation's masks, sources and spans, whatever the training seed: students trained
+#: with different seeds are scored on the same masks, and `summary.json` equals a later `eval`.
+EVAL_SEED = 0
 
 
 def _batches(dataset, tokenizer, batch_size):
@@ -41,7 +45,7 @@ def _recipe(model, tokenizer, seed, pairs=(), span_fraction=0.3) -> BatchRecipe:
 
 
 @torch.no_grad()
-def perplexity(model, dataset, tokenizer, seed: int = 0, batch_size: int = 16) -> float:
+def perplexity(model, dataset, tokenizer, seed: int = EVAL_SEED, batch_size: int = 16) -> float:
     """exp(mean cross-entropy): next-token for causal LMs, masked positions for masked LMs."""
     model.eval()
     recipe = _recipe(model, tokenizer, seed)
@@ -60,7 +64,7 @@ def perplexity(model, dataset, tokenizer, seed: int = 0, batch_size: int = 16) -
 
 
 @torch.no_grad()
-def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = 0, batch_size: int = 16,
+def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = EVAL_SEED, batch_size: int = 16,
         span_fraction: float = 0.3) -> dict:
     """Student-vs-teacher interchange intervention accuracy, overall and per aligned pair."""
     student.eval()
@@ -90,12 +94,15 @@ def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = 0, b
 
 
 def evaluate(model, texts: Sequence[str], tokenizer, teacher=None, alignment="full", max_length: int = 128,
-             seed: int = 0, batch_size: int = 16, span_fraction: float = 0.3) -> dict:
+             seed: int = EVAL_SEED, batch_size: int = 16, span_fraction: float = 0.3) -> dict:
     """{'perplexity', and with a teacher 'teacher_perplexity', 'iia', 'iia_per_pair'}."""
     need = math.ceil(1 / span_fraction) if teacher is not None else 1
     max_length = max_tokens(model, max_length) if teacher is None else min(max_tokens(model, max_length),
                                                                            max_tokens(teacher, max_length))
     dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data")
+    if teacher is not None and len(dataset) < 2:
+        raise DataError(f"IIA swaps spans between examples of a batch: the eval data needs >= 2 examples of "
+                        f">= {need} tokens, got {len(dataset)}")
     out = {"perplexity": perplexity(model, dataset, tokenizer, seed, batch_size), "examples": len(dataset)}
     if teacher is not None:
         out["teacher_perplexity"] = perplexity(teacher, dataset, tokenizer, seed, batch_size)

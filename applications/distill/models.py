@@ -22,12 +22,17 @@ def is_causal_lm(model_or_config) -> bool:
         "bert", "roberta", "distilbert")
 
 
-def load_lm(path: str) -> nn.Module:
-    """A masked or causal LM with its head, from a save_pretrained directory or a hub id."""
+def load_config(path: str):
+    """A model's config (no weights), from a save_pretrained directory or a hub id."""
     try:
-        config = tf.AutoConfig.from_pretrained(path)
+        return tf.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise DistillConfigError(f"cannot load a model config from {path!r}: {e}") from e
+
+
+def load_lm(path: str) -> nn.Module:
+    """A masked or causal LM with its head, from a save_pretrained directory or a hub id."""
+    config = load_config(path)
     auto = tf.AutoModelForCausalLM if is_causal_lm(config) else tf.AutoModelForMaskedLM
     return auto.from_pretrained(path)
 

@@ -9,7 +9,9 @@ component, writes a CSV log, and stops on a NaN/inf loss before it reaches the w
 from __future__ import annotations
 
 import csv
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,8 +30,9 @@ class DistillTrainer(Trainer):
     """Trainer(model=student, ...) plus the frozen teacher and the objectives."""
 
     def __init__(self, *args, teacher: nn.Module | None, objectives: Objectives, recipe: BatchRecipe,
-                 projection: nn.Module | None = None, **kwargs):
+                 projection: nn.Module | None = None, warmup_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.warmup_ratio = warmup_ratio
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False) if teacher is not None else None
         self.objectives = objectives
         self.recipe = recipe
@@ -38,10 +41,21 @@ class DistillTrainer(Trainer):
         self._sums: dict[str, float] = {}
         self._count = 0
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Linear warmup over ceil(warmup_ratio * steps) steps: computed here, as a step count, because
+        TrainingArguments' `warmup_steps` < 1 is a ratio in transformers 5.x but a step count (0) in 4.x."""
+        if self.lr_scheduler is None:
+            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        step = self.state.global_step if model.training else -1
-        prepared = prepare({k: v.cpu() for k, v in inputs.items()}, step, self.recipe)
+        from .evaluate import EVAL_SEED, EVAL_STEP
+
+        # evaluation draws its masks and spans from the fixed evaluation seed, never the training seed
+        step, recipe = (self.state.global_step, self.recipe) if model.training else \
+            (EVAL_STEP, replace(self.recipe, seed=EVAL_SEED))
+        prepared = prepare({k: v.cpu() for k, v in inputs.items()}, step, recipe)
         device = inputs["input_ids"].device
         batch = {k: v.to(device) for k, v in prepared.inputs.items()}
         student = self.accelerator.unwrap_model(model)
