@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 
 from interventions import InterventionError
 
-from .config import ALIGNMENTS, FLAGS, OBJECTIVES, RECIPES, SPAN_MODES, DistillConfig
+from .config import ALIGNMENTS, FLAGS, OBJECTIVES, RECIPES, SPAN_MODES, CLIParser, DistillConfig, positive_int
 from .errors import DistillConfigError
 from .evaluate import EVAL_SEED
 from .ted_cli import add_ted_parser, run_ted
@@ -50,13 +50,6 @@ HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors raise (one line, exit code 2 from `main`) instead of exiting."""
-
-    def error(self, message):
-        raise DistillConfigError(f"{self.prog}: {message}")
-
-
 #: Earlier spellings kept as aliases of the TrainingArguments-style flags (docs/distill.md).
 OLD_SPELLINGS = {"num_epochs": "--num-epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
                  "resume": "--resume", "max_steps": "--steps", "output_dir": "--output",
@@ -83,7 +76,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CLIParser(
         prog="python -m applications.distill",
         description="Causal distillation (DIITO, Wu et al. 2022), standard KD and ATKD (objectives atkd, "
                     "atkd_reverse) of Hugging Face LMs; TED task-aware distillation (the ted command).")
@@ -119,17 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML or JSON file of this command's options (flags override it)")
     add_ted_parser(sub)
     return parser
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, int]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import types
 import typing
@@ -342,3 +343,21 @@ def student_layer_indices(spec, n_teacher: int) -> list[int]:
         )
     return layers
 
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise (one line, exit code 2 from `main`) instead of exiting."""
+
+    def error(self, message):
+        raise DistillConfigError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

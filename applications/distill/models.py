@@ -66,3 +66,12 @@ def max_tokens(model: nn.Module, wanted: int) -> int:
     if config.model_type in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2
     return min(wanted, limit)
+
+
+def enable_cache(model: nn.Module) -> None:
+    """A saved model generates with its KV cache (training turns `use_cache` off in some configs)."""
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "use_cache"):
+        generation.use_cache = True

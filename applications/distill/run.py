@@ -20,7 +20,7 @@ from .config import DistillConfig
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
 from .errors import DataError, DistillConfigError
 from .masking import token_weights
-from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
+from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
 from .step import Objectives, aligned_pairs
@@ -189,15 +189,6 @@ def min_tokens(causal: bool, span_fraction: float | None) -> tuple[int, str]:
 
 def _log_data(dataset: TokenizedTexts) -> None:
     (logger.warning if dataset.dropped or dataset.truncated else logger.info)(dataset.report())
-
-
-def enable_cache(model: nn.Module) -> None:
-    """A saved model generates with its KV cache (training turns `use_cache` off in some configs)."""
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = True
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "use_cache"):
-        generation.use_cache = True
 
 
 _LATEST = (True, "auto", "latest")

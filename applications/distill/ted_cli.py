@@ -15,32 +15,38 @@ from pathlib import Path
 
 from interventions import InterventionError
 
-from .errors import DistillConfigError
-from .output_dir import begin_run, claim_output_dir
+from .config import CLIParser, positive_int
+from .errors import DataError, DistillConfigError
+from .output_dir import begin_run, check_writable, claim_output_dir
 from .ted import TEDConfig
 
 DEFAULTS = TEDConfig()
 
 
 def _loop_flags(p: argparse.ArgumentParser, prefix: str = "", steps: int = 200, lr: float = 1e-3, what: str = "") -> None:
-    p.add_argument(f"--{prefix}steps", type=int, default=steps, help=f"optimizer steps{what} (default {steps})")
+    p.add_argument(f"--{prefix}max-steps", f"--{prefix}steps", dest=f"{prefix.replace('-', '_')}steps",
+                   type=positive_int, default=steps,
+                   help=f"optimizer steps{what}, >= 1 (default {steps}; alias --{prefix}steps)")
     p.add_argument(f"--{prefix}learning-rate", type=float, default=lr, help=f"peak AdamW learning rate{what} (default {lr})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of this command's options (flags override it)")
     p.add_argument("--overwrite-output-dir", action="store_true",
                    help="replace a previous run's files in a non-empty output directory (or an existing filter "
                         "file); never the teacher's or student's directory")
     p.add_argument("--train-file", required=True,
                    help="classification: a tsv 'sentence<TAB>label' (header optional); LM: text, one example per line")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per example, longer ones truncated (default 64)")
+    p.add_argument("--per-device-train-batch-size", "--batch-size", dest="batch_size", type=positive_int, default=32,
+                   help="examples per step (default 32; alias --batch-size)")
+    p.add_argument("--max-length", type=positive_int, default=64,
+                   help="tokens per example, longer ones truncated (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _filter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", choices=("linear", "mlp"), default="linear", help="filter type (default linear)")
-    p.add_argument("--filter-width", type=int, help="filter output width (default: the teacher's hidden size)")
+    p.add_argument("--filter-width", type=positive_int, help="filter output width (default: the teacher's hidden size)")
 
 
 def _stage2_flags(p: argparse.ArgumentParser) -> None:
@@ -71,7 +77,7 @@ def add_stages(parser: argparse.ArgumentParser) -> None:
     s1.add_argument("--model", required=True, help="save_pretrained directory (sequence classifier or causal LM, "
                                                    "with its tokenizer)")
     s1.add_argument("--output", required=True, help="the filter file to write (.pt)")
-    s1.add_argument("--interval", type=int, default=1, help="a filter on every interval-th block (default 1)")
+    s1.add_argument("--interval", type=positive_int, default=1, help="a filter on every interval-th block (default 1)")
     s1.add_argument("--teacher", help="the teacher, whose hidden size is the default filter width (for a student)")
     _filter_flags(s1)
     _common(s1)
@@ -85,9 +91,9 @@ def add_stages(parser: argparse.ArgumentParser) -> None:
     s2.add_argument("--output-dir", required=True, help="where the distilled student is saved")
     s2.add_argument("--teacher-filters", help="the teacher's stage-1 filter file (mode ted)")
     s2.add_argument("--student-filters", help="the student's stage-1 filter file (mode ted)")
-    s2.add_argument("--teacher-interval", type=int, default=DEFAULTS.teacher_interval,
+    s2.add_argument("--teacher-interval", type=positive_int, default=DEFAULTS.teacher_interval,
                     help="mode lwd: teacher blocks paired every interval-th")
-    s2.add_argument("--student-interval", type=int, default=DEFAULTS.student_interval,
+    s2.add_argument("--student-interval", type=positive_int, default=DEFAULTS.student_interval,
                     help="mode lwd: student blocks paired every interval-th")
     _stage2_flags(s2)
     _common(s2)
@@ -98,9 +104,9 @@ def add_stages(parser: argparse.ArgumentParser) -> None:
     al.add_argument("--teacher", required=True, help="the (fine-tuned) teacher directory")
     al.add_argument("--student", required=True, help="the student to start from (save_pretrained directory)")
     al.add_argument("--output-dir", required=True, help="filters and the distilled student go here")
-    al.add_argument("--teacher-interval", type=int, default=DEFAULTS.teacher_interval,
+    al.add_argument("--teacher-interval", type=positive_int, default=DEFAULTS.teacher_interval,
                     help=f"teacher filter interval (default {DEFAULTS.teacher_interval})")
-    al.add_argument("--student-interval", type=int, default=DEFAULTS.student_interval,
+    al.add_argument("--student-interval", type=positive_int, default=DEFAULTS.student_interval,
                     help=f"student filter interval (default {DEFAULTS.student_interval})")
     _filter_flags(al)
     _stage2_flags(al)
@@ -142,6 +148,13 @@ def _check_filter_file(output, args) -> None:
         raise DistillConfigError(f"--output {output!r} is a directory; give the filter file to write (.pt)")
     if path.exists() and not args.overwrite_output_dir:
         raise DistillConfigError(f"--output {output!r} exists; choose a new file or pass --overwrite-output-dir")
+    check_writable(path.parent, "--output")
+
+
+def _check_eval_file(args) -> None:
+    """A missing --eval-file fails before any model is loaded (its content is read before training)."""
+    if getattr(args, "eval_file", None) and not Path(args.eval_file).exists():
+        raise DataError(f"--eval-file {args.eval_file!r} does not exist")
 
 
 def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> dict:
@@ -169,6 +182,7 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
                        temperature=args.temperature)
     sources = {"teacher": args.teacher, "student": args.student}
     out = claim_output_dir(output_dir, sources=sources, overwrite=args.overwrite_output_dir)
+    _check_eval_file(args)
     t_filters = s_filters = None
     if config.mode == "ted":  # missing files fail before any model is loaded
         t_filters = tt.load_filters(teacher_filters, "teacher")
@@ -178,13 +192,14 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
     tok = _tokenizer(args.teacher, args.student)
     opts = _options(args)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(teacher, task)) \
+        if args.eval_file else None  # bad eval data fails before training, not after it
     begin_run(out, sources=sources, overwrite=args.overwrite_output_dir)
     _, log = tt.stage2(config, teacher, student, data, opts, t_filters, s_filters)
     out = tt.export(student, output_dir, tok)
     summary = {"student": str(out), "mode": config.mode, "task": task, "steps": len(log),
                "first": log[0], "last": log[-1]}
-    if args.eval_file:
-        ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(teacher, task))
+    if ev is not None:
         summary["eval"] = tt.evaluate(student, ev)
     (Path(out) / "ted_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -194,18 +209,20 @@ def _finetune(args) -> dict:
     from . import ted_train as tt
 
     out = claim_output_dir(args.output_dir, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
+    _check_eval_file(args)
     model = tt.load_model(args.model)
     task = tt.task_of(model)
     tok = _tokenizer(args.model)
     opts = _options(args)
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
+    ev = tt.task_data(args.eval_file, tok, task, opts.max_length, tt.num_outputs(model, task)) \
+        if args.eval_file else None  # bad eval data fails before training, not after it
     begin_run(out, sources={"model": args.model}, overwrite=args.overwrite_output_dir)
     losses = tt.finetune(model, data, opts)
     out = tt.export(model, args.output_dir, tok)
     summary = {"model": str(out), "task": task, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
-    if args.eval_file:
-        summary["eval"] = tt.evaluate(model, tt.task_data(args.eval_file, tok, task, opts.max_length,
-                                                          tt.num_outputs(model, task)))
+    if ev is not None:
+        summary["eval"] = tt.evaluate(model, ev)
     return summary
 
 
@@ -219,6 +236,7 @@ def run_ted(args) -> dict:
         return _stage2(args, args.teacher_filters, args.student_filters, args.output_dir)
     sources = {"teacher": args.teacher, "student": args.student}
     out = claim_output_dir(args.output_dir, sources=sources, overwrite=args.overwrite_output_dir)
+    _check_eval_file(args)
     begin_run(out, sources=sources, overwrite=args.overwrite_output_dir)
     args.overwrite_output_dir = False  # the directory is now this run's: its stages start from nothing
     summary = {}
@@ -232,10 +250,13 @@ def run_ted(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m applications.distill.ted_cli", description=__doc__.splitlines()[0])
+    from .cli import with_config_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = CLIParser(prog="python -m applications.distill.ted_cli", description=__doc__.splitlines()[0])
     add_stages(parser)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(with_config_file(parser, argv))
         print(json.dumps(run_ted(args), default=str))
     except InterventionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -392,7 +392,10 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 64) -> dict:
 
 def export(student: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """The student alone (save_pretrained); TED filters and heads are not part of it."""
+    from .models import enable_cache
+
     out = Path(out_dir)
+    enable_cache(student)
     student.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
