@@ -83,8 +83,8 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- the optional cosine projection lives outside the student ---------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
+    def create_optimizer(self, *args, **kwargs):  # 5.x before 5.N: no `model` argument
+        optimizer = super().create_optimizer(*args, **kwargs)
         if self.projection is not None and not getattr(self, "_projection_added", False):
             optimizer.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
             self._projection_added = True
