@@ -16,7 +16,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .batching import BatchRecipe
-from .config import DistillConfig
+from .config import DistillConfig, student_layer_indices
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
 from .errors import DataError, DistillConfigError
 from .masking import token_weights
@@ -87,6 +87,8 @@ def check_sources(cfg: DistillConfig, teacher: nn.Module | None, tokenizer=None)
     s_config = load_config(cfg.student) if cfg.student else None
     if s_config is not None:
         check_configs(s_config, t_config)
+    elif getattr(t_config, "num_hidden_layers", None):
+        student_layer_indices(cfg.student_layers, t_config.num_hidden_layers)  # raises on a bad layer choice
     t_tok = tokenizer or (load_tokenizer(cfg.teacher) if cfg.teacher else None)
     s_tok = load_tokenizer(cfg.student) if cfg.student else None
     if t_tok is not None and s_tok is not None:
