@@ -209,3 +209,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "model.safetensors").exists()
     assert all(torch.isfinite(v).all() for v in _weights(out / "checkpoint-2").values())
+
+
+def test_saved_causal_student_generates_with_its_kv_cache(setup, tmp_path):
+    """Saved students carry use_cache: true in config.json and generation_config.json, and generate with a cache
+    (fails when the training-time `use_cache: false` is saved with them)."""
+    torch.manual_seed(0)
+    teacher = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                               use_cache=False))
+    teacher.save_pretrained(tmp_path / "gpt2")
+    train(_cfg(setup, tmp_path / "out", teacher=str(tmp_path / "gpt2"), max_steps=1, student_layers=1))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["use_cache"] is True
+    student = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    out = student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
+                           return_dict_in_generate=True, pad_token_id=0)
+    assert out.sequences.shape == (1, 6) and out.past_key_values is not None
+    assert out.past_key_values.get_seq_length() == 5  # the cache holds every position but the last
+
+
+def test_warmup_is_a_share_of_the_steps_under_any_transformers(setup, tmp_path):
+    """warmup_ratio 0.25 of 8 steps: 2 warmup steps, then linear decay (by hand). Fails if the ratio reaches
+    TrainingArguments.warmup_steps as a value < 1 (transformers 4.x reads that as 0 steps)."""
+    from applications.distill.run import training_arguments
+    from applications.distill.trainer import DistillTrainer
+
+    cfg = _cfg(setup, tmp_path / "o", max_steps=8, warmup_ratio=0.25, learning_rate=1e-3)
+    model = torch.nn.Linear(2, 2)
+    trainer = DistillTrainer(model=model, args=training_arguments(cfg), teacher=None, objectives=None, recipe=None,
+                             warmup_ratio=cfg.warmup_ratio)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    want = [1e-3 * s / 2 if s < 2 else 1e-3 * (8 - s) / 6 for s in range(8)]
+    assert lrs == pytest.approx(want, rel=1e-9, abs=1e-15)
