@@ -57,9 +57,9 @@ def ensure_pad(tokenizer):
     return tokenizer
 
 
-def max_tokens(model: nn.Module, wanted: int) -> int:
+def max_tokens(model_or_config, wanted: int) -> int:
     """`wanted`, capped at the positions the model can embed (RoBERTa's offset of 2 included)."""
-    config = model.config
+    config = getattr(model_or_config, "config", model_or_config)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is None:
         return wanted

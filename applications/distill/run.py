@@ -41,12 +41,12 @@ def resolve_objectives(weights: dict[str, float], causal: bool, explicit: bool) 
     return weights
 
 
-def setup_tokenizer(cfg: DistillConfig, teacher: nn.Module, texts: list[str], tokenizer=None):
+def setup_tokenizer(cfg: DistillConfig, teacher_config, texts: list[str], tokenizer=None):
     """The teacher's tokenizer, or one trained on the training texts with the teacher's vocabulary size."""
     tokenizer = tokenizer or (load_tokenizer(cfg.teacher) if cfg.teacher else None)
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = teacher_config.vocab_size
     if tokenizer is None:
-        tokenizer = train_tokenizer(texts, cfg.vocab_size or vocab, causal=is_causal_lm(teacher))
+        tokenizer = train_tokenizer(texts, cfg.vocab_size or vocab, causal=is_causal_lm(teacher_config))
     if len(tokenizer) > vocab:
         raise DistillConfigError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only {vocab}")
     return ensure_pad(tokenizer)
@@ -77,9 +77,11 @@ def _world_size() -> int:
 
 def check_sources(cfg: DistillConfig, teacher: nn.Module | None, tokenizer=None):
     """Before any weights are loaded: teacher and student are LMs of one kind (causal or masked) with one
-    vocabulary (its size from the configs; the token -> id mapping itself when both have tokenizers).
+    vocabulary (its size from the configs; the token -> id mapping itself when both have tokenizers), and
+    the student's layer choice fits the teacher.
 
-    Returns the tokenizer to use (the given one, the teacher's, else the student's), or None."""
+    Returns (teacher config, student config or None, the tokenizer to use: the given one, the teacher's,
+    else the student's, or None)."""
     from .models import load_config
     from .student import check_configs, check_tokenizers
 
@@ -93,7 +95,15 @@ def check_sources(cfg: DistillConfig, teacher: nn.Module | None, tokenizer=None)
     s_tok = load_tokenizer(cfg.student) if cfg.student else None
     if t_tok is not None and s_tok is not None:
         check_tokenizers(s_tok, t_tok)
-    return t_tok or s_tok
+    return t_config, s_config, t_tok or s_tok
+
+
+def _layer_counts(cfg: DistillConfig, t_config, s_config) -> tuple[int, int]:
+    """(student layers, teacher layers) from the configs."""
+    n_teacher = t_config.num_hidden_layers
+    if s_config is not None:
+        return s_config.num_hidden_layers, n_teacher
+    return len(student_layer_indices(cfg.student_layers, n_teacher)), n_teacher
 
 
 def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=None, callbacks=()) -> dict:
@@ -105,24 +115,16 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     resume = _claim(cfg)  # the output directory is checked before anything is loaded or written
     texts = read_texts(cfg.train_file, cfg.text_column)  # bad data fails before any model is loaded
     eval_texts = read_texts(cfg.eval_file, cfg.text_column) if cfg.eval_file else None
-    tokenizer = check_sources(cfg, teacher, tokenizer)  # configs and tokenizers: before any weights load
-    torch.manual_seed(cfg.seed)
-    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
-    causal = is_causal_lm(teacher)
-    tokenizer = setup_tokenizer(cfg, teacher, texts, tokenizer)
-    student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    # From the configs and the tokenizer, before any weights load: kinds, vocabularies, layers, objectives, data.
+    t_config, s_config, tokenizer = check_sources(cfg, teacher, tokenizer)
+    causal = is_causal_lm(t_config)
+    tokenizer = setup_tokenizer(cfg, t_config, texts, tokenizer)
     weights = resolve_objectives(cfg.weights, causal, explicit=cfg.objectives is not None)
     objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope, cfg.atkd_lambda, cfg.atkd_hard_fraction)
-    needs_cos = "cos" in weights or "diito_cos" in weights
-    check_compatible(student, teacher, need_hidden=needs_cos, projection=cfg.cos_projection)
-    projection = None
-    hs, ht = student.config.hidden_size, teacher.config.hidden_size
-    if needs_cos and cfg.cos_projection and hs != ht:
-        projection = nn.Linear(hs, ht, bias=False)
-    pairs = tuple(aligned_pairs(cfg.alignment, num_layers(student), num_layers(teacher))) \
-        if objectives.counterfactual else ()
+    n_student, n_teacher = _layer_counts(cfg, t_config, s_config)
+    pairs = tuple(aligned_pairs(cfg.alignment, n_student, n_teacher)) if objectives.counterfactual else ()
     min_len, why = min_tokens(causal, cfg.span_fraction if pairs else None)
-    max_length = min(max_tokens(teacher, cfg.max_length), max_tokens(student, cfg.max_length))
+    max_length = min(max_tokens(t_config, cfg.max_length), max_tokens(s_config or t_config, cfg.max_length))
     dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file, why=why)
     _log_data(dataset)
     per_step = cfg.batch_size * _world_size()
@@ -131,6 +133,20 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
                         "counterfactual objectives need full batches. Give more text or a smaller batch size.")
     # a batch of 1 has no other example to swap with: counterfactual runs drop a last batch that would be one
     drop_last = bool(pairs) and (_world_size() > 1 or len(dataset) % cfg.batch_size == 1)
+    if not causal and tokenizer.mask_token_id is None:
+        raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
+    torch.manual_seed(cfg.seed)
+    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
+    student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    if (num_layers(student), num_layers(teacher)) != (n_student, n_teacher):  # the configs' counts are the models'
+        raise DistillConfigError(f"the models have {num_layers(student)} and {num_layers(teacher)} blocks, but their "
+                                 f"configs say {n_student} and {n_teacher}")
+    needs_cos = "cos" in weights or "diito_cos" in weights
+    check_compatible(student, teacher, need_hidden=needs_cos, projection=cfg.cos_projection)
+    projection = None
+    hs, ht = student.config.hidden_size, teacher.config.hidden_size
+    if needs_cos and cfg.cos_projection and hs != ht:
+        projection = nn.Linear(hs, ht, bias=False)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     special = list(tokenizer.all_special_ids)
     recipe = BatchRecipe(
@@ -138,8 +154,6 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         token_weights=None if causal else token_weights(dataset.token_counts(vocab), special, cfg.mlm_smoothing),
         mask_token_id=tokenizer.mask_token_id, vocab_size=vocab, mlm_probability=cfg.mlm_probability,
         mask_split=cfg.mask_split, span_mode=cfg.span_mode, span_fraction=cfg.span_fraction)
-    if not causal and tokenizer.mask_token_id is None:
-        raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     out = Path(cfg.output_dir)
     trainer = DistillTrainer(
         model=student, args=training_arguments(cfg, drop_last), train_dataset=dataset,
