@@ -240,3 +240,13 @@ def test_ted_config_file(ted_root, tmp_path, capsys):
     assert ted_cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3  # from the file (the command line gave no --max-steps)
+
+
+def test_ted_counts_truncated_lines_in_the_log(ted_root, tmp_path, capsys, caplog):
+    tok = tf.AutoTokenizer.from_pretrained(ted_root / "teacher")
+    rows = [line.split("\t")[0] for line in (ted_root / "train.tsv").read_text().splitlines()[1:]]
+    want = sum(len(tok(t)["input_ids"]) > 4 for t in rows)  # oracle: the tokenizer, line by line
+    assert 0 < want
+    with caplog.at_level(logging.WARNING, logger="applications.distill"):
+        assert ted_cli.main(_stage2(ted_root, tmp_path / "out", "--max-length", "4")) == 0
+    assert f"{want} truncated to 4 tokens" in caplog.text

@@ -8,6 +8,7 @@ MLM perplexity masks the eval data deterministically (15%, 80/10/10, uniform ove
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -99,7 +100,10 @@ def evaluate(model, texts: Sequence[str], tokenizer, teacher=None, alignment="fu
     need = math.ceil(1 / span_fraction) if teacher is not None else 1
     max_length = max_tokens(model, max_length) if teacher is None else min(max_tokens(model, max_length),
                                                                            max_tokens(teacher, max_length))
-    dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data")
+    dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data",
+                             why="an interchange span needs that many" if teacher is not None else "too short")
+    if dataset.dropped or dataset.truncated:
+        logging.getLogger("applications.distill").warning(dataset.report())
     if teacher is not None and len(dataset) < 2:
         raise DataError(f"IIA swaps spans between examples of a batch: the eval data needs >= 2 examples of "
                         f">= {need} tokens, got {len(dataset)}")

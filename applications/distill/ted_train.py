@@ -152,10 +152,19 @@ def task_data(path: str, tokenizer, task: Task, max_length: int, num_labels: int
             raise DistillConfigError("the tokenizer has neither a pad nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    extra = tokenizer.num_special_tokens_to_add()
+    truncated = sum(len(x) + extra > max_length for x in tokenizer(texts, add_special_tokens=False,
+                                                                    verbose=False)["input_ids"])
     min_len = 2 if task == "lm" else 1
     keep = [i for i, x in enumerate(ids) if len(x) >= min_len]
     if not keep:
         raise DataError(f"{path}: no example has {min_len} or more tokens after tokenizing")
+    if truncated or len(keep) < len(ids):
+        import logging
+
+        logging.getLogger("applications.distill").warning(
+            f"{path}: {len(keep)} examples; {len(ids) - len(keep)} dropped as shorter than {min_len} tokens; "
+            f"{truncated} truncated to {max_length} tokens")
     return TaskData([ids[i] for i in keep], [labels[i] for i in keep] if labels is not None else None,
                     tokenizer.pad_token_id, task)
 
