@@ -79,7 +79,7 @@ def _check_same_run(out: Path, options: Mapping) -> None:
     if diffs:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diffs.items()))
         raise DistillConfigError(
-            f"--resume into {out}: the run there was started with other options ({shown}). Resume with the same "
+            f"--resume-from-checkpoint into {out}: the run there was started with other options ({shown}). Resume with the same "
             "options, or start a new run in another --output-dir (or pass --overwrite-output-dir to replace it)."
         )
 
@@ -121,7 +121,7 @@ def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise DistillConfigError(
             f"{flag} {output_dir!r} is not empty ({shown}): another run's files would mix with this one's. "
-            "Choose a new directory, continue that run with --resume latest, or replace it with "
+            "Choose a new directory, continue that run with --resume-from-checkpoint latest, or replace it with "
             "--overwrite-output-dir."
         )
     return out
