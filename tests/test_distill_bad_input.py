@@ -224,6 +224,8 @@ def test_ted_bad_output_paths_fail_before_training(ted_root, tmp_path, capsys):
     (["--steps", "two"], "must be an integer >= 1, got 'two'"),
     (["--batch-size", "0"], "must be >= 1"),
     (["--student-interval", "0"], "must be >= 1"),
+    (["--learning-rate", "0"], "argument --learning-rate: must be > 0"),
+    (["--temperature", "-1"], "argument --temperature: must be > 0"),
 ])
 def test_ted_bad_flags(ted_root, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from interventions import InterventionError
 
-from .config import CLIParser, positive_int
+from .config import CLIParser, positive_float, positive_int
 from .errors import DataError, DistillConfigError
 from .output_dir import begin_run, check_writable, claim_output_dir
 from .ted import TEDConfig
@@ -27,7 +27,7 @@ def _loop_flags(p: argparse.ArgumentParser, prefix: str = "", steps: int = 200, 
     p.add_argument(f"--{prefix}max-steps", f"--{prefix}steps", dest=f"{prefix.replace('-', '_')}steps",
                    type=positive_int, default=steps,
                    help=f"optimizer steps{what}, >= 1 (default {steps}; alias --{prefix}steps)")
-    p.add_argument(f"--{prefix}learning-rate", type=float, default=lr, help=f"peak AdamW learning rate{what} (default {lr})")
+    p.add_argument(f"--{prefix}learning-rate", type=positive_float, default=lr, help=f"peak AdamW learning rate{what} (default {lr})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def _stage2_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-kl", type=float, default=DEFAULTS.alpha_kl, help="weight of T²·KL(teacher ‖ student)")
     p.add_argument("--alpha-mse", type=float, default=DEFAULTS.alpha_mse,
                    help=f"weight of the mean filtered-state MSE (default {DEFAULTS.alpha_mse})")
-    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="KL temperature T (default 2)")
+    p.add_argument("--temperature", type=positive_float, default=DEFAULTS.temperature, help="KL temperature T (default 2)")
     p.add_argument("--eval-file", help="held-out data (same format as --train-file): accuracy or perplexity")
 
 
