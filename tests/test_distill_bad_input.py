@@ -27,7 +27,7 @@ def root(tmp_path_factory):
     tok = train_tokenizer(texts, 120, causal=False)
     vocab = len(tok)
     torch.manual_seed(0)
-    bert = lambda layers: tf.BertForMaskedLM(tf.BertConfig(  # noqa: E731
+    bert = lambda layers: tf.BertForMaskedLM(tf.BertConfig(
         vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=24,
         max_position_embeddings=64, pad_token_id=tok.pad_token_id))
     bert(4).save_pretrained(root / "teacher")

@@ -179,9 +179,7 @@ def run_train(args) -> dict:
 def run_eval(args) -> dict:
     from .data import read_texts
     from .evaluate import evaluate
-    from .models import ensure_pad, load_lm, load_tokenizer
-
-    from .models import load_config
+    from .models import ensure_pad, load_config, load_lm, load_tokenizer
     from .student import check_configs, check_tokenizers
 
     texts = read_texts(args.eval_file, args.text_column)

@@ -183,9 +183,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         if cfg.plot and (out / "log.csv").is_file():
             summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
         if eval_texts is not None:
-            from .evaluate import evaluate
-
-            from .evaluate import EVAL_SEED
+            from .evaluate import EVAL_SEED, evaluate
 
             summary["eval"] = evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
                                        max_length=cfg.max_length, seed=EVAL_SEED, batch_size=cfg.eval_batch_size,
