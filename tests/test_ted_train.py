@@ -103,7 +103,17 @@ def test_ted_all_classification_exports_a_plain_student(cls_setup, tmp_path, cap
     assert saved == fresh and not any("filter" in k or "heads" in k for k in saved)
     after = tf.AutoModelForSequenceClassification.from_pretrained(out / "student").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student did train
-    assert 0.0 <= summary["stage2"]["eval"]["accuracy"] <= 1.0 and summary["stage2"]["eval"]["examples"] == 24
+    # The reported accuracy is the exported student's, recomputed here one unpadded sentence at a time (the
+    # old `0 <= accuracy <= 1` held for any number: evaluating the student before training, batches without
+    # their attention mask, or labels read from the wrong column would all have passed).
+    exported = tf.AutoModelForSequenceClassification.from_pretrained(out / "student").eval()
+    tok = tf.AutoTokenizer.from_pretrained(out / "student")
+    rows = [line.split("\t") for line in (cls_setup / "train.tsv").read_text().splitlines()[1:]]
+    with torch.no_grad():
+        right = sum(int(exported(**tok(text, truncation=True, max_length=12, return_tensors="pt")).logits.argmax(-1))
+                    == int(label) for text, label in rows)
+    assert summary["stage2"]["eval"]["examples"] == len(rows) == 24
+    assert summary["stage2"]["eval"]["accuracy"] == right / len(rows)
     assert not list((out / "student").glob("*.pt"))  # no filter file beside the exported model
 
 

@@ -66,17 +66,29 @@ def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
 
 
 class TokenizedTexts(Dataset):
-    """Token id lists with their dataset index; `min_length` drops shorter examples (counted)."""
+    """Token id lists with their dataset index; `min_length` drops shorter examples (counted in `dropped`),
+    and `truncated` counts the examples cut to `max_length` tokens."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data"):
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data",
+                 why: str = "the interchange span needs that many"):
+        texts = list(texts)
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        full = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        extra = tokenizer.num_special_tokens_to_add()
+        self.truncated = sum(len(ids) + extra > max_length for ids in full)
         self.examples = [ids for ids in encoded if len(ids) >= min_length]
         self.dropped = len(encoded) - len(self.examples)
+        self.min_length, self.max_length, self.source = min_length, max_length, source
         if not self.examples:
             raise DataError(
-                f"{source}: every example is shorter than {min_length} tokens after tokenizing (the interchange "
-                "span needs that many); give longer texts."
+                f"{source}: every example is shorter than {min_length} tokens after tokenizing ({why}); "
+                "give longer texts."
             )
+
+    def report(self) -> str:
+        """One line for the log: examples kept, dropped as too short, truncated to max_length."""
+        return (f"{self.source}: {len(self.examples)} examples; {self.dropped} dropped as shorter than "
+                f"{self.min_length} tokens; {self.truncated} truncated to {self.max_length} tokens")
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -8,6 +8,7 @@ MLM perplexity masks the eval data deterministically (15%, 80/10/10, uniform ove
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -19,12 +20,16 @@ from interventions import record_blocks
 
 from .batching import BatchRecipe, prepare
 from .data import Collator, TokenizedTexts
+from .errors import DataError
 from .models import is_causal_lm, max_tokens
 from .objectives import nll_sum, top1_agreement
 from .step import aligned_pairs, counterfactual
 from .student import num_layers
 
 EVAL_STEP = -1  # the masking/span stream reserved for evaluation
+#: The seed of every evaluation's masks, sources and spans, whatever the training seed: students trained
+#: with different seeds are scored on the same masks, and `summary.json` equals a later `eval`.
+EVAL_SEED = 0
 
 
 def _batches(dataset, tokenizer, batch_size, device):
@@ -48,7 +53,7 @@ def _recipe(model, tokenizer, seed, pairs=(), span_fraction=0.3) -> BatchRecipe:
 
 
 @torch.no_grad()
-def perplexity(model, dataset, tokenizer, seed: int = 0, batch_size: int = 16) -> float:
+def perplexity(model, dataset, tokenizer, seed: int = EVAL_SEED, batch_size: int = 16) -> float:
     """exp(mean cross-entropy): next-token for causal LMs, masked positions for masked LMs."""
     model.eval()
     device = _device(model)
@@ -64,7 +69,7 @@ def perplexity(model, dataset, tokenizer, seed: int = 0, batch_size: int = 16) -
 
 
 @torch.no_grad()
-def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = 0, batch_size: int = 16,
+def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = EVAL_SEED, batch_size: int = 16,
         span_fraction: float = 0.3) -> dict:
     """Student-vs-teacher interchange intervention accuracy, overall and per aligned pair."""
     student.eval()
@@ -94,12 +99,18 @@ def iia(student, teacher, dataset, tokenizer, alignment="full", seed: int = 0, b
 
 
 def evaluate(model, texts: Sequence[str], tokenizer, teacher=None, alignment="full", max_length: int = 128,
-             seed: int = 0, batch_size: int = 16, span_fraction: float = 0.3) -> dict:
+             seed: int = EVAL_SEED, batch_size: int = 16, span_fraction: float = 0.3) -> dict:
     """{'perplexity', and with a teacher 'teacher_perplexity', 'iia', 'iia_per_pair'}."""
     need = math.ceil(1 / span_fraction) if teacher is not None else 1
     max_length = max_tokens(model, max_length) if teacher is None else min(max_tokens(model, max_length),
                                                                            max_tokens(teacher, max_length))
-    dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data")
+    dataset = TokenizedTexts(texts, tokenizer, max_length, need, source="eval data",
+                             why="an interchange span needs that many" if teacher is not None else "too short")
+    if dataset.dropped or dataset.truncated:
+        logging.getLogger("applications.distill").warning(dataset.report())
+    if teacher is not None and len(dataset) < 2:
+        raise DataError(f"IIA swaps spans between examples of a batch: the eval data needs >= 2 examples of "
+                        f">= {need} tokens, got {len(dataset)}")
     out = {"perplexity": perplexity(model, dataset, tokenizer, seed, batch_size), "examples": len(dataset)}
     if teacher is not None:
         out["teacher_perplexity"] = perplexity(teacher, dataset, tokenizer, seed, batch_size)

@@ -12,7 +12,8 @@ from torch import nn
 
 from .batching import BatchRecipe, prepare
 from .step import Objectives, distill_losses
-from .trainer import Method
+from .evaluate import EVAL_SEED
+from .trainer import EVAL_STEP, Method
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -36,14 +37,16 @@ class LMDistillation(Method):
     def trainable(self) -> dict[str, nn.Module]:
         return {"projection": self.projection} if self.projection is not None else {}
 
-    def _recipe_on(self, device: torch.device) -> BatchRecipe:
-        """The recipe with its masking weights on `device` (moved once, not every step)."""
-        if device not in self._recipes:
+    def _recipe_on(self, device: torch.device, evaluation: bool) -> BatchRecipe:
+        """The recipe with its masking weights on `device` (moved once, not every step); evaluation draws
+        its masks and spans from the fixed evaluation seed, never the training seed."""
+        if (device, evaluation) not in self._recipes:
             w = self.recipe.token_weights
-            self._recipes[device] = replace(self.recipe, token_weights=None if w is None else w.to(device))
-        return self._recipes[device]
+            recipe = replace(self.recipe, token_weights=None if w is None else w.to(device))
+            self._recipes[device, evaluation] = replace(recipe, seed=EVAL_SEED) if evaluation else recipe
+        return self._recipes[device, evaluation]
 
     def losses(self, model, inputs, step):
-        p = prepare(inputs, step, self._recipe_on(inputs["input_ids"].device))
+        p = prepare(inputs, step, self._recipe_on(inputs["input_ids"].device, step == EVAL_STEP))
         return distill_losses(unwrap(model), self.teacher, p.inputs, p.labels, self.objectives, p.plan, p.pair,
                               self.projection, student_call=model)

@@ -159,10 +159,19 @@ def task_data(path: str, tokenizer, task: Task, max_length: int, num_labels: int
         texts, labels = texts[:limit], (labels[:limit] if labels is not None else None)
     tokenizer = ensure_pad(tokenizer)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    extra = tokenizer.num_special_tokens_to_add()
+    truncated = sum(len(x) + extra > max_length for x in tokenizer(texts, add_special_tokens=False,
+                                                                    verbose=False)["input_ids"])
     min_len = 2 if task == "lm" else 1
     keep = [i for i, x in enumerate(ids) if len(x) >= min_len]
     if not keep:
         raise DataError(f"{path}: no example has {min_len} or more tokens after tokenizing")
+    if truncated or len(keep) < len(ids):
+        import logging
+
+        logging.getLogger("applications.distill").warning(
+            f"{path}: {len(keep)} examples; {len(ids) - len(keep)} dropped as shorter than {min_len} tokens; "
+            f"{truncated} truncated to {max_length} tokens")
     return TaskData([ids[i] for i in keep], [labels[i] for i in keep] if labels is not None else None,
                     tokenizer.pad_token_id, task)
 
@@ -240,13 +249,9 @@ class TEDDistillation(Method):
         return {"loss": loss, **parts}
 
 
-def _warmup_steps(options: LoopOptions) -> int:
-    """Warmup as a step count (a ratio below 1 in `warmup_steps` is read differently across versions)."""
-    return math.ceil(options.warmup_ratio * options.steps)
-
-
 def training_arguments(options: LoopOptions, output_dir: str, evaluate: bool = False) -> tf.TrainingArguments:
-    """The stage's TrainingArguments: AdamW, linear warmup and decay (transformers.get_scheduler)."""
+    """The stage's TrainingArguments: AdamW, linear decay (transformers.get_scheduler; the warmup, as a step
+    count, is set by DistillTrainer from `warmup_ratio`)."""
     cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     evaluate_every = {"eval_strategy": "steps", "eval_steps": options.eval_steps,
@@ -254,7 +259,7 @@ def training_arguments(options: LoopOptions, output_dir: str, evaluate: bool = F
     return tf.TrainingArguments(
         output_dir=output_dir, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay, warmup_steps=_warmup_steps(options), lr_scheduler_type="linear",
+        weight_decay=options.weight_decay, lr_scheduler_type="linear",
         max_grad_norm=options.max_grad_norm, logging_steps=options.logging_steps,
         save_strategy="steps" if options.save_steps else "no", save_steps=options.save_steps or 500,
         report_to=["tensorboard"] if options.output_dir else [], seed=options.seed, data_seed=options.seed,
@@ -281,7 +286,8 @@ def run_method(model: nn.Module, method: Method, data: TaskData, options: LoopOp
         trainer = DistillTrainer(model=model, args=training_arguments(options, str(out), eval_data is not None),
                                  train_dataset=data, eval_dataset=eval_data if options.eval_steps else None,
                                  data_collator=data.collator(), method=method,
-                                 teacher_dtype=teacher_dtype(options.teacher_dtype), callbacks=[*logs, *callbacks])
+                                 teacher_dtype=teacher_dtype(options.teacher_dtype), warmup_ratio=options.warmup_ratio,
+                                 callbacks=[*logs, *callbacks])
         if not options.progress:
             trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=options.resume)
@@ -456,7 +462,10 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 64) -> dict:
 
 def export(student: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """The student alone (save_pretrained); TED filters and heads are not part of it."""
+    from .models import enable_cache
+
     out = Path(out_dir)
+    enable_cache(student)
     student.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

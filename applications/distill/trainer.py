@@ -16,6 +16,7 @@ reads at logging steps.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -50,10 +51,12 @@ class Method(nn.Module):
 class DistillTrainer(Trainer):
     """Trainer(model=student, args, train_dataset, data_collator, ..., method=Method)."""
 
-    def __init__(self, *args, method: Method, teacher_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, *args, method: Method, teacher_dtype: torch.dtype | None = None, warmup_ratio: float = 0.0,
+                 **kwargs):
         kwargs.setdefault("callbacks", [])
         kwargs["callbacks"] = [*kwargs["callbacks"], _FiniteGuard(self)]
         super().__init__(*args, **kwargs)
+        self.warmup_ratio = warmup_ratio
         self.args.logging_nan_inf_filter = False  # one non-finite check per step: ours (it stops, not skips)
         self.method = method.to(self.args.device)
         for module in method.frozen():
@@ -69,6 +72,13 @@ class DistillTrainer(Trainer):
         self._finite: torch.Tensor | None = None
         self._last: dict[str, torch.Tensor] = {}
         self._extras_synced = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Linear warmup over ceil(warmup_ratio * steps) steps: computed here, as a step count, because
+        TrainingArguments' `warmup_steps` < 1 is a ratio in transformers 5.x but a step count (0) in 4.x."""
+        if self.lr_scheduler is None:
+            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -124,8 +134,8 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- the method's own trained modules ----------------------------------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
+    def create_optimizer(self, *args, **kwargs):  # 5.x before 5.N: no `model` argument
+        optimizer = super().create_optimizer(*args, **kwargs)
         if self.extra_params and not getattr(self, "_extras_added", False):
             optimizer.add_param_group({"params": self.extra_params, "weight_decay": 0.0})
             self._extras_added = True
