@@ -42,30 +42,28 @@ def check_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> N
 class _SoftKL(torch.autograd.Function):
     """T² · Σ_pos w_pos · KL(softmax(t/T) ‖ softmax(s/T)), with gradient T · w · (q − p) for `s` only.
 
-    Fused: nothing of vocabulary size is kept for backward beyond the two logits tensors (they are
-    recomputed into probabilities there), instead of autograd's log-softmax outputs and products.
+    Fused: the gradient is formed in the forward pass and is the one vocabulary-sized tensor kept for
+    backward (autograd would keep both log-softmax outputs and the products, and recompute in backward).
     """
 
     @staticmethod
     def forward(ctx, s, t, w, temperature):
         log_q = torch.log_softmax(_wide(s) / temperature, dim=-1)
-        d = torch.log_softmax(_wide(t) / temperature, dim=-1)
-        p = d.exp()
-        d.sub_(log_q)
-        del log_q
+        p = torch.log_softmax(_wide(t) / temperature, dim=-1)
+        d = p - log_q
+        p.exp_()
         kl = d.mul_(p).sum(-1)
-        ctx.save_for_backward(s, t, w)
-        ctx.temperature = temperature
-        return (kl * w.to(kl.dtype)).sum() * temperature ** 2
+        del d
+        w = w.to(kl.dtype)
+        grad = log_q.exp_().sub_(p).mul_((w * temperature)[..., None])
+        ctx.save_for_backward(grad)
+        ctx.dtype = s.dtype
+        return (kl * w).sum() * temperature ** 2
 
     @staticmethod
-    def backward(ctx, grad):
-        s, t, w = ctx.saved_tensors
-        temperature = ctx.temperature
-        q = torch.softmax(_wide(s) / temperature, dim=-1)
-        q.sub_(torch.softmax(_wide(t) / temperature, dim=-1))
-        q.mul_((w.to(q.dtype) * (grad * temperature))[..., None])
-        return q.to(s.dtype), None, None, None
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.dtype), None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

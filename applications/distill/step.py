@@ -142,6 +142,9 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
     if "cos" in w:
         losses["cos"] = obj.cosine_loss(project(s_rec.value(s_rec.num_layers - 1)),
                                         t_rec.value(t_rec.num_layers - 1), mask)
+    # The losses keep what their backward needs; the [batch, seq, vocab] logits themselves can go now,
+    # before the counterfactual pass makes two more of them.
+    del s_logits, t_logits
     if objectives.counterfactual:
         if plan is None or pair is None:
             raise DistillConfigError("diito objectives need an interchange plan and an aligned (student, teacher) pair")
@@ -152,6 +155,7 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
         s_out, s_last = counterfactual(student, inputs, s_rec, (s_layer,), plan, keep_last=keep)
         if "diito" in w:
             losses["diito"] = obj.kd_loss(s_out.logits, t_out.logits, mask, objectives.temperature)
+        del s_out, t_out
         if keep:
             losses["diito_cos"] = obj.cosine_loss(project(s_last), t_last, mask)
     losses["loss"] = sum(w[k] * losses[k] for k in w)
