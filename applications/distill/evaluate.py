@@ -111,9 +111,11 @@ def evaluate(model, texts: Sequence[str], tokenizer, teacher=None, alignment="fu
     if teacher is not None and len(dataset) < 2:
         raise DataError(f"IIA swaps spans between examples of a batch: the eval data needs >= 2 examples of "
                         f">= {need} tokens, got {len(dataset)}")
-    out = {"perplexity": perplexity(model, dataset, tokenizer, seed, batch_size), "examples": len(dataset)}
+    out = {"perplexity": perplexity(model, dataset, tokenizer, seed, batch_size), "examples": len(dataset),
+           "settings": {"eval_seed": seed, "max_length": max_length, "batch_size": batch_size}}  # to reproduce it
     if teacher is not None:
         out["teacher_perplexity"] = perplexity(teacher, dataset, tokenizer, seed, batch_size)
         out.update(iia(model, teacher, dataset, tokenizer, alignment, seed, batch_size, span_fraction))
         out["alignment"] = alignment if isinstance(alignment, str) else repr(alignment)
+        out["settings"]["span_fraction"] = span_fraction
     return out
