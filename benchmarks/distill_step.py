@@ -3,7 +3,7 @@
 Same batch, same models (a 6-layer BERT teacher and a 3-layer student, width 256), same optimizer.
 - standard: ce + mlm + cos (teacher forward, student forward + backward).
 - diito (ours): + the DIITO KL; sources read from the standard pass, lower blocks replayed
-  (applications.distill.step.distill_losses / interventions.replay_blocks).
+  (applications.distill.diito.step.distill_losses / interventions.replay_blocks).
 - naive: the official code's cost: teacher and student each run base, source (full, with the head)
   and counterfactual passes; gradients flow through the student's source pass.
 The FULL alignment's three (student, teacher) pairs are cycled, so figures are the per-step average.
@@ -14,8 +14,8 @@ giving its median per method and its ratios; reported: the median ratio over the
 every module call and around backward) above the level before the step, averaged over the pairs
 (measured in separate, untimed steps).
 TED row: one TED stage-2 step (teacher + filters frozen; student + filters trained) through the one
-trainer (`ted_train.stage2`, timed per step by a callback) against a hand-written loop of the same
-step (the loop `ted_train` had before it ran on the trainer), same models, data and batch.
+trainer (`ted.stages.stage2`, timed per step by a callback) against a hand-written loop of the same
+step (the loop TED had before it ran on the trainer), same models, data and batch.
 Checks that, with dropout off, ours and naive give the same loss (1e-5). Last line: one JSON object.
 """
 
@@ -33,8 +33,8 @@ import transformers as tf
 
 from applications.distill import seeding
 from applications.distill.objectives import cosine_loss, kd_loss, mlm_loss
-from applications.distill.pairing import draw_plan, source_permutation
-from applications.distill.step import Objectives, aligned_pairs, distill_losses
+from applications.distill.diito.pairing import draw_plan, source_permutation
+from applications.distill.diito.step import Objectives, aligned_pairs, distill_losses
 from applications.distill.student import build_student
 from interventions import record_blocks, set_value
 
@@ -223,7 +223,7 @@ def spread(values) -> tuple[float, float]:
 
 # -- TED stage 2: the one trainer against a hand-written loop of the same step ------------------------
 def ted_setup(width: int, vocab: int, seq: int, batch: int, seed: int = 0):
-    from applications.distill import ted_train as tt
+    from applications.distill.ted import stages as tt
 
     torch.manual_seed(seed)
 
@@ -245,8 +245,8 @@ def ted_setup(width: int, vocab: int, seq: int, batch: int, seed: int = 0):
 
 def ted_loop_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
     """The hand-written stage-2 loop (AdamW, LambdaLR warmup/decay, clipping), CPU s per step."""
-    from applications.distill import ted_train as tt
-    from applications.distill.ted import TEDConfig, stage2_loss
+    from applications.distill.ted import stages as tt
+    from applications.distill.objectives.ted import TEDConfig, stage2_loss
 
     config = TEDConfig(mode="ted")
     teacher.eval().requires_grad_(False)
@@ -296,9 +296,9 @@ class _StepTimer(tf.TrainerCallback):
 
 
 def ted_trainer_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
-    """The same step through ted_train.stage2 (DistillTrainer), CPU s per step (the first step warms up)."""
-    from applications.distill import ted_train as tt
-    from applications.distill.ted import TEDConfig
+    """The same step through ted.stages.stage2 (DistillTrainer), CPU s per step (the first step warms up)."""
+    from applications.distill.ted import stages as tt
+    from applications.distill.objectives.ted import TEDConfig
 
     timer = _StepTimer()
     opts = tt.LoopOptions(steps=steps + 2, batch_size=batch, learning_rate=1e-4, logging_steps=10 ** 6)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from interventions import InterventionError
-from applications.distill.atkd import (
+from applications.distill.objectives.atkd import (
     ATKDConfig, atkd_loss, hard_mask, kd_decomposition, teacher_uncertainty, unsupported_kd,
 )
 

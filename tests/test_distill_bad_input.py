@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill import ted_cli
+from applications.distill.ted import cli as ted_cli
 from applications.distill.cli import main
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer

@@ -12,13 +12,13 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from applications.distill import ted_train as tt
+from applications.distill.ted import stages as tt
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer, word_tokenizer
 from applications.distill.run import pretrain, train
 from applications.distill.student import build_student
-from applications.distill.ted import TEDConfig
+from applications.distill.objectives.ted import TEDConfig
 
 tf.logging.set_verbosity_error()
 

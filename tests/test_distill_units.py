@@ -12,7 +12,7 @@ from applications.distill.config import DistillConfig, objective_weights, studen
 from applications.distill.errors import DataError, DistillConfigError, IncompatibleModelsError, SpanError
 from applications.distill.masking import clm_labels, mlm_mask, token_weights
 from applications.distill.objectives import clm_loss, cosine_loss, kd_loss, mlm_loss, top1_agreement
-from applications.distill.pairing import draw_plan, source_permutation, span_length
+from applications.distill.diito.pairing import draw_plan, source_permutation, span_length
 
 
 # -- options ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import transformers as tf
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from applications.distill import ted_cli
+from applications.distill.ted import cli as ted_cli
 from applications.distill.cli import main
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interventions import InterventionError
-from applications.distill.ted import (
+from applications.distill.objectives.ted import (
     TEDConfig, TEDFilters, filtered_layers, kd_kl, masked_mse, pair_layers, stage1_loss, stage2_loss,
 )
 

@@ -10,7 +10,7 @@ import torch
 
 from . import seeding
 from .masking import clm_labels, mlm_mask
-from .pairing import InterchangePlan, draw_plan, source_order
+from .diito.pairing import InterchangePlan, draw_plan, source_order
 
 MASK, SPAN, PERM, PAIR = 1, 2, 3, 4  # independent random streams
 

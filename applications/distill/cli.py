@@ -12,7 +12,7 @@ from interventions import InterventionError
 from .config import ALIGNMENTS, FLAGS, OBJECTIVES, RECIPES, SPAN_MODES, CLIParser, DistillConfig, positive_int
 from .errors import DistillConfigError
 from .evaluate import EVAL_SEED
-from .ted_cli import add_ted_parser, run_ted
+from .ted.cli import add_ted_parser, run_ted
 
 HELP = {
     "teacher": "teacher: a save_pretrained directory or a hub id (masked or causal LM)",

@@ -131,7 +131,7 @@ class DistillConfig:
             raise DistillConfigError(f"mask_split must be 3 non-negative shares summing to 1, got {self.mask_split}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise DistillConfigError(f"betas must be 2 numbers in [0, 1), e.g. 0.9,0.98; got {self.betas}")
-        from .atkd import ATKDConfig
+        from .objectives.atkd import ATKDConfig
 
         ATKDConfig(lam=self.atkd_lambda, hard_fraction=self.atkd_hard_fraction)  # raises on bad values
         if self.temperature <= 0:

@@ -23,7 +23,7 @@ from .data import Collator, TokenizedTexts
 from .errors import DataError
 from .models import is_causal_lm, max_tokens
 from .objectives import nll_sum, top1_agreement
-from .step import aligned_pairs, counterfactual
+from .diito.step import aligned_pairs, counterfactual
 from .student import num_layers
 
 EVAL_STEP = -1  # the masking/span stream reserved for evaluation

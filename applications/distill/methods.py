@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .batching import BatchRecipe, prepare
-from .step import Objectives, distill_losses
+from .diito.step import Objectives, distill_losses
 from .evaluate import EVAL_SEED
 from .trainer import EVAL_STEP, Method
 

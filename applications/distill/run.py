@@ -23,7 +23,7 @@ from .masking import token_weights
 from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
-from .step import Objectives, aligned_pairs
+from .diito.step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
 from .methods import LMDistillation
 from .trainer import CSVLogCallback, DistillTrainer

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import seeding
-from .errors import DistillConfigError, SpanError
+from .. import seeding
+from ..errors import DistillConfigError, SpanError
 
 
 def source_order(batch: int, generator) -> list[int]:

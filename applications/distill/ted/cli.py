@@ -3,7 +3,7 @@
 finetune: plain task training (e.g. of the teacher, first). stage1: train the filters (and their task
 heads) of one frozen model, saved to a .pt file. stage2: distil the teacher into the student (TED, or the KD / LWD baselines); the student is saved
 with save_pretrained, without filters. all: stage 1 for the teacher, then the student, then stage 2.
-Also runnable on its own: ``python -m applications.distill.ted_cli {finetune,stage1,stage2,all}``.
+Also runnable on its own: ``python -m applications.distill.ted.cli {finetune,stage1,stage2,all}``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 from interventions import InterventionError
 
-from .config import CLIParser, positive_float, positive_int
-from .errors import DataError, DistillConfigError
-from .output_dir import begin_run, check_writable, claim_output_dir
-from .ted import TEDConfig
+from ..config import CLIParser, positive_float, positive_int
+from ..errors import DataError, DistillConfigError
+from ..output_dir import begin_run, check_writable, claim_output_dir
+from ..objectives.ted import TEDConfig
 
 DEFAULTS = TEDConfig()
 
@@ -142,7 +142,7 @@ def add_ted_parser(sub) -> None:
 
 
 def _tokenizer(*paths):
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     for p in paths:
         tok = load_tokenizer(p) if p else None
@@ -153,7 +153,7 @@ def _tokenizer(*paths):
 
 
 def _options(args, prefix: str = "", output_dir=None):
-    from .ted_train import LoopOptions
+    from .stages import LoopOptions
 
     return LoopOptions(steps=getattr(args, f"{prefix}steps"), batch_size=args.batch_size,
                        learning_rate=getattr(args, f"{prefix}learning_rate"), max_length=args.max_length,
@@ -186,7 +186,7 @@ def _stage1_logs(output) -> Path:
 
 
 def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> dict:
-    from . import ted_train as tt
+    from . import stages as tt
 
     _check_filter_file(output, args)
     model = tt.load_model(model_dir)
@@ -202,7 +202,7 @@ def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> di
 
 
 def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
-    from . import ted_train as tt
+    from . import stages as tt
 
     config = TEDConfig(mode=args.mode, teacher_interval=args.teacher_interval, student_interval=args.student_interval,
                        alpha_task=args.alpha_task, alpha_kl=args.alpha_kl, alpha_mse=args.alpha_mse,
@@ -234,7 +234,7 @@ def _stage2(args, teacher_filters, student_filters, output_dir) -> dict:
 
 
 def _finetune(args) -> dict:
-    from . import ted_train as tt
+    from . import stages as tt
 
     out = claim_output_dir(args.output_dir, sources={"model": args.model}, overwrite=args.overwrite_output_dir,
                            resuming=bool(args.resume))
@@ -279,10 +279,10 @@ def run_ted(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .cli import with_config_file
+    from ..cli import with_config_file
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = CLIParser(prog="python -m applications.distill.ted_cli", description=__doc__.splitlines()[0])
+    parser = CLIParser(prog="python -m applications.distill.ted.cli", description=__doc__.splitlines()[0])
     add_stages(parser)
     try:
         args = parser.parse_args(with_config_file(parser, argv))

@@ -24,16 +24,16 @@ from torch.utils.data import Dataset
 
 from interventions import SiteGraph, record_blocks
 
-from .data import Collator, read_texts
-from .errors import DataError, DistillConfigError, IncompatibleModelsError
-from .methods import unwrap
-from .models import ensure_pad, is_causal_lm
-from .objectives import nll_sum
-from .plot import plot_losses
-from .sst import read_labelled
-from .ted import (Task, TEDConfig, TEDFilters, filtered_layers, pair_layers, stage1_loss, stage2_loss,
+from ..data import Collator, read_texts
+from ..errors import DataError, DistillConfigError, IncompatibleModelsError
+from ..methods import unwrap
+from ..models import ensure_pad, is_causal_lm
+from ..objectives import nll_sum
+from ..plot import plot_losses
+from ..sst import read_labelled
+from ..objectives.ted import (Task, TEDConfig, TEDFilters, filtered_layers, pair_layers, stage1_loss, stage2_loss,
                   task_loss)
-from .trainer import CSVLogCallback, DistillTrainer, Method
+from ..trainer import CSVLogCallback, DistillTrainer, Method
 
 TASKS = ("classification", "lm")
 
@@ -278,7 +278,7 @@ def run_method(model: nn.Module, method: Method, data: TaskData, options: LoopOp
     """
     from transformers.trainer_callback import PrinterCallback
 
-    from .run import teacher_dtype
+    from ..run import teacher_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(options.output_dir) if options.output_dir else Path(tmp)
@@ -462,7 +462,7 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 64) -> dict:
 
 def export(student: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """The student alone (save_pretrained); TED filters and heads are not part of it."""
-    from .models import enable_cache
+    from ..models import enable_cache
 
     out = Path(out_dir)
     enable_cache(student)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .errors import DataError, DistillConfigError
+from ..errors import DataError, DistillConfigError
 
 
 def _check(teacher_logits, student_logits, targets, mask=None):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, DistillConfigError
-from .objectives import clm_loss, kd_loss
+from ..errors import DataError, DistillConfigError
+from .kd import clm_loss, kd_loss
 
 Task = Literal["classification", "lm"]
 
