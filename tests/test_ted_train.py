@@ -251,3 +251,30 @@ def test_the_main_cli_has_the_ted_command(cls_setup, tmp_path, capsys):
                "--train-file", str(cls_setup / "train.tsv"), "--output-dir", str(tmp_path / "s"),
                "--student-filters", str(tmp_path / "f.pt"), *_loop("--steps", "1")])  # no teacher filters given
     assert rc == 2 and "needs the teacher's stage-1 filter file: pass --teacher-filters" in capsys.readouterr().err
+
+
+def test_ted_stages_get_the_trainers_logs_checkpoints_and_resume(cls_setup, tmp_path, capsys):
+    """Stage 1 and stage 2 run on the one trainer: log.csv, TensorBoard and the loss curve beside their
+    outputs, checkpoints with --save-steps, and --resume-from-checkpoint continues a stage-2 run."""
+    rc = ted_cli.main(["stage1", "--model", str(cls_setup / "teacher"), "--train-file", str(cls_setup / "train.tsv"),
+                       "--output", str(tmp_path / "f.pt"), "--interval", "4", *_loop("--steps", "2")])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["layers"] == [3]
+    for name in ("log.csv", "loss_curve.png"):
+        assert (tmp_path / "f_logs" / name).is_file(), name
+    assert list((tmp_path / "f_logs").glob("runs/*/events.out.tfevents.*"))
+    common = ["stage2", "--mode", "kd", "--teacher", str(cls_setup / "teacher"), "--student",
+              str(cls_setup / "student"), "--train-file", str(cls_setup / "train.tsv"), "--output-dir",
+              str(tmp_path / "s"), "--save-steps", "2", "--gradient-accumulation-steps", "2", *_loop("--steps", "4")]
+    assert ted_cli.main(common) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "s" / "checkpoint-2").is_dir() and (tmp_path / "s" / "loss_curve.png").is_file()
+    steps = [line.split(",")[0] for line in (tmp_path / "s" / "log.csv").read_text().splitlines()[1:]
+             if line.split(",")[1] == "loss"]
+    assert steps == ["1", "2", "3", "4"]
+    assert ted_cli.main([*common, "--resume-from-checkpoint", str(tmp_path / "s" / "checkpoint-2")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["steps"] == 4 and again["first"] == first["first"]  # the run's log, restored from the checkpoint
+    assert again["last"] == first["last"]  # steps 3 and 4 again, from checkpoint-2: the same losses
+    steps = [line.split(",")[0] for line in (tmp_path / "s" / "log.csv").read_text().splitlines()[1:]
+             if line.split(",")[1] == "loss"]
+    assert steps == ["1", "2", "3", "4"]  # each step once in log.csv after the resume

@@ -195,6 +195,11 @@ def _stage1(model_dir, args, output, interval, width_from=None, prefix="") -> di
     opts = _options(args, prefix, _stage1_logs(output))
     data = tt.task_data(args.train_file, tok, task, opts.max_length, tt.num_outputs(model, task))
     width = args.filter_width or (tt.hidden_size(tt.load_model(width_from)) if width_from else None)
+    logs = _stage1_logs(output)
+    if logs.is_dir():  # the logs of this filter file's earlier (replaced or killed) run: never mixed with this one's
+        import shutil
+
+        shutil.rmtree(logs)
     filters, losses = tt.stage1(model, data, interval=interval, width=width, kind=args.filter, options=opts)
     path = tt.save_filters(filters, output, model)
     return {"filters": str(path), "layers": filters.layers, "task": task, "first_loss": losses[0],
