@@ -32,9 +32,9 @@ import torch
 import transformers as tf
 
 from applications.distill import seeding
-from applications.distill.objectives import cosine_loss, kd_loss, mlm_loss
 from applications.distill.diito.pairing import draw_plan, source_permutation
 from applications.distill.diito.step import Objectives, aligned_pairs, distill_losses
+from applications.distill.objectives import cosine_loss, kd_loss, mlm_loss
 from applications.distill.student import build_student
 from interventions import record_blocks, set_value
 
@@ -245,8 +245,8 @@ def ted_setup(width: int, vocab: int, seq: int, batch: int, seed: int = 0):
 
 def ted_loop_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
     """The hand-written stage-2 loop (AdamW, LambdaLR warmup/decay, clipping), CPU s per step."""
-    from applications.distill.ted import stages as tt
     from applications.distill.objectives.ted import TEDConfig, stage2_loss
+    from applications.distill.ted import stages as tt
 
     config = TEDConfig(mode="ted")
     teacher.eval().requires_grad_(False)
@@ -297,8 +297,8 @@ class _StepTimer(tf.TrainerCallback):
 
 def ted_trainer_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
     """The same step through ted.stages.stage2 (DistillTrainer), CPU s per step (the first step warms up)."""
-    from applications.distill.ted import stages as tt
     from applications.distill.objectives.ted import TEDConfig
+    from applications.distill.ted import stages as tt
 
     timer = _StepTimer()
     opts = tt.LoopOptions(steps=steps + 2, batch_size=batch, learning_rate=1e-4, logging_steps=10 ** 6)

@@ -12,13 +12,13 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill.ted import stages as tt
 from applications.distill.cli import main
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer
-from applications.distill.run import train
 from applications.distill.objectives.ted import TEDConfig
+from applications.distill.run import train
+from applications.distill.ted import stages as tt
 
 tf.logging.set_verbosity_error()
 

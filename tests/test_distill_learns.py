@@ -12,13 +12,13 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from applications.distill.ted import stages as tt
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer, word_tokenizer
+from applications.distill.objectives.ted import TEDConfig
 from applications.distill.run import pretrain, train
 from applications.distill.student import build_student
-from applications.distill.objectives.ted import TEDConfig
+from applications.distill.ted import stages as tt
 
 tf.logging.set_verbosity_error()
 
@@ -99,8 +99,9 @@ class _Kill(tf.TrainerCallback):
 
 def test_diito_resume_is_bit_equal(lm, tmp_path):
     root, _, _ = lm
-    kw = dict(teacher=str(root / "teacher"), train_file=str(root / "train.txt"), student_layers=2, batch_size=4,
-              grad_accum=2, max_steps=6, save_steps=3, logging_steps=1, progress=False, plot=False)
+    kw = {"teacher": str(root / "teacher"), "train_file": str(root / "train.txt"), "student_layers": 2,
+          "batch_size": 4, "grad_accum": 2, "max_steps": 6, "save_steps": 3, "logging_steps": 1, "progress": False,
+          "plot": False}
     train(DistillConfig(output_dir=str(tmp_path / "whole"), **kw))
     with pytest.raises(KeyboardInterrupt):
         train(DistillConfig(output_dir=str(tmp_path / "cut"), **kw), callbacks=[_Kill(4)])
@@ -140,7 +141,7 @@ def test_finetune_loss_falls(cls):
 
 
 def _stage1(cls):
-    root, data, teacher, bert, _ = cls
+    _, data, teacher, _, _ = cls
     t_f, t_log = tt.stage1(teacher, data, interval=2, options=tt.LoopOptions(steps=30, batch_size=16, learning_rate=1e-2))
     # The student: teacher blocks 0 and 2 (DistilBERT-style), so that its features carry the task.
     student = build_student(teacher, [0, 2])

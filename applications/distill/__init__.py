@@ -9,8 +9,8 @@ ted: pure losses), diito/ (pairing, step: the counterfactual pass), ted/ (stages
 """
 
 from .config import DistillConfig, objective_weights
-from .errors import DataError, DistillConfigError, IncompatibleModelsError, NonFiniteLossError, SpanError
 from .diito.step import Objectives, aligned_pairs, distill_losses
+from .errors import DataError, DistillConfigError, IncompatibleModelsError, NonFiniteLossError, SpanError
 
 __all__ = [
     "DataError", "DistillConfig", "DistillConfigError", "IncompatibleModelsError", "NonFiniteLossError",

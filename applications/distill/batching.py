@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from . import seeding
-from .masking import clm_labels, mlm_mask
 from .diito.pairing import InterchangePlan, draw_plan, source_order
+from .masking import clm_labels, mlm_mask
 
 MASK, SPAN, PERM, PAIR = 1, 2, 3, 4  # independent random streams
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-
 from dataclasses import replace
 
 import torch
@@ -20,10 +19,10 @@ from interventions import record_blocks
 
 from .batching import BatchRecipe, prepare
 from .data import Collator, TokenizedTexts
+from .diito.step import aligned_pairs, counterfactual
 from .errors import DataError
 from .models import is_causal_lm, max_tokens
 from .objectives import nll_sum, top1_agreement
-from .diito.step import aligned_pairs, counterfactual
 from .student import num_layers
 
 EVAL_STEP = -1  # the masking/span stream reserved for evaluation

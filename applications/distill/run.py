@@ -18,14 +18,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from .batching import BatchRecipe
 from .config import DistillConfig, student_layer_indices
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
+from .diito.step import Objectives, aligned_pairs
 from .errors import DataError, DistillConfigError
 from .masking import token_weights
+from .methods import LMDistillation
 from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
-from .diito.step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
-from .methods import LMDistillation
 from .trainer import CSVLogCallback, DistillTrainer
 
 logger = logging.getLogger("applications.distill")

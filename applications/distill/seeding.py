@@ -7,7 +7,6 @@ spans independent of the process layout (1 process or DDP) and of interruptions 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 
 import torch
 
@@ -26,11 +25,6 @@ def key(*parts: int) -> int:
 def generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded by `key(*parts)`."""
     return torch.Generator().manual_seed(key(*parts))
-
-
-def row_generators(seed: int, step: int, ids: Iterable[int], stream: int) -> list[torch.Generator]:
-    """One generator per example (by its dataset index), for one purpose (`stream`) at one step."""
-    return [generator(seed, step, int(i), stream) for i in ids]
 
 
 def rng(source: int | torch.Generator) -> random.Random:

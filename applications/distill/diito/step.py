@@ -19,9 +19,9 @@ from torch import nn
 
 from interventions import Alignment, AlignmentError, alignments, record_blocks, replay_blocks, set_value
 
+from ..errors import DistillConfigError
 from ..objectives import kd as obj
 from ..objectives.atkd import ATKDConfig, atkd_objective
-from ..errors import DistillConfigError
 from .pairing import InterchangePlan
 
 _LAYER = re.compile(r"layers\.(\d+)\.output")

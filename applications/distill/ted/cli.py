@@ -17,8 +17,8 @@ from interventions import InterventionError
 
 from ..config import CLIParser, positive_float, positive_int
 from ..errors import DataError, DistillConfigError
-from ..output_dir import begin_run, check_writable, claim_output_dir
 from ..objectives.ted import TEDConfig
+from ..output_dir import begin_run, check_writable, claim_output_dir
 
 DEFAULTS = TEDConfig()
 

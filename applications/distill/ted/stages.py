@@ -29,10 +29,18 @@ from ..errors import DataError, DistillConfigError, IncompatibleModelsError
 from ..methods import unwrap
 from ..models import ensure_pad, is_causal_lm
 from ..objectives import nll_sum
+from ..objectives.ted import (
+    Task,
+    TEDConfig,
+    TEDFilters,
+    filtered_layers,
+    pair_layers,
+    stage1_loss,
+    stage2_loss,
+    task_loss,
+)
 from ..plot import plot_losses
 from ..sst import read_labelled
-from ..objectives.ted import (Task, TEDConfig, TEDFilters, filtered_layers, pair_layers, stage1_loss, stage2_loss,
-                  task_loss)
 from ..trainer import CSVLogCallback, DistillTrainer, Method
 
 TASKS = ("classification", "lm")
