@@ -189,3 +189,33 @@ def test_a_ted_stage2_step_reads_the_device_once(cls_data, device, host_reads):
     checks, others = _split(host_reads.calls)
     assert len(checks) == 3, checks
     assert others == []
+
+
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)
+def test_bf16_fp16_and_teacher_dtype_are_accepted_on_the_cpu(lm, tmp_path, device):
+    """--bf16 (and --fp16, which a CPU runs as bf16 autocast) train with a bfloat16 teacher; the student's
+    weights stay float32 and move."""
+    for flag in ("bf16", "fp16"):
+        teacher = tf.BertForMaskedLM.from_pretrained(lm / "teacher")
+        cfg = DistillConfig(teacher=str(lm / "teacher"), train_file=str(lm / "train.txt"),
+                            output_dir=str(tmp_path / flag), student_layers=2, batch_size=4, max_steps=2,
+                            save_steps=100, logging_steps=1, progress=False, plot=False, objectives="mlm,ce,cos,diito",
+                            teacher_dtype="bfloat16", **{flag: True})
+        summary = train(cfg, teacher=teacher)
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+        student = tf.BertForMaskedLM.from_pretrained(tmp_path / flag)
+        assert {p.dtype for p in student.parameters()} == {torch.float32}
+        assert summary["global_step"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    tok, data = _cls_data_for_dtype(tmp_path)
+    teacher, student = _ted_models(len(tok))
+    opts = tt.LoopOptions(steps=2, batch_size=4, bf16=True, teacher_dtype="bfloat16")
+    _, log = tt.stage2(TEDConfig(mode="kd"), teacher, student, data, opts)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16} and len(log) == 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+
+
+def _cls_data_for_dtype(root):
+    rows = [(s, i % 2) for i, s in enumerate(make_corpus(16, seed=3))]
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    tok = train_tokenizer([s for s, _ in rows], 80, causal=False)
+    return tok, tt.task_data(str(root / "train.tsv"), tok, "classification", 16, 2)
