@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill.ted import cli as ted_cli
 from applications.distill.cli import main
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer
+from applications.distill.ted import cli as ted_cli
 
 tf.logging.set_verbosity_error()
 

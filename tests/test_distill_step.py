@@ -8,9 +8,9 @@ import torch
 import transformers as tf
 
 from applications.distill import seeding
-from applications.distill.errors import IncompatibleModelsError
 from applications.distill.diito.pairing import draw_plan, source_permutation
 from applications.distill.diito.step import Objectives, aligned_pairs, distill_losses
+from applications.distill.errors import IncompatibleModelsError
 from applications.distill.student import build_student, check_compatible
 from interventions import Alignment, AlignmentError, Site, get_value, interchange, set_value
 

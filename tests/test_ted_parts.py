@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 
-from interventions import InterventionError
 from applications.distill.objectives.ted import (
-    TEDConfig, TEDFilters, filtered_layers, kd_kl, masked_mse, pair_layers, stage1_loss, stage2_loss,
+    TEDConfig,
+    TEDFilters,
+    filtered_layers,
+    kd_kl,
+    masked_mse,
+    pair_layers,
+    stage1_loss,
+    stage2_loss,
 )
+from interventions import InterventionError
 
 
 def test_filtered_layers_and_pairing():

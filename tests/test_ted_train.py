@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill.ted import cli as ted_cli
-from applications.distill.ted import stages as tt
 from applications.distill.data import train_tokenizer
 from applications.distill.objectives.ted import TEDConfig
+from applications.distill.ted import cli as ted_cli
+from applications.distill.ted import stages as tt
 from interventions import InterventionError
 
 WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad", "movie", "film", "plot", "cast"]
