@@ -3,13 +3,19 @@
 Same batch, same models (a 6-layer BERT teacher and a 3-layer student, width 256), same optimizer.
 - standard: ce + mlm + cos (teacher forward, student forward + backward).
 - diito (ours): + the DIITO KL; sources read from the standard pass, lower blocks replayed
-  (applications.distill.step.distill_losses / interventions.replay_blocks).
+  (applications.distill.diito.step.distill_losses / interventions.replay_blocks).
 - naive: the official code's cost: teacher and student each run base, source (full, with the head)
   and counterfactual passes; gradients flow through the student's source pass.
 The FULL alignment's three (student, teacher) pairs are cycled, so figures are the per-step average.
-Time: median seconds per step, the methods interleaved step by step. Memory: peak bytes in use by the C allocator (glibc mallinfo2,
-sampled after every module call and around backward) above the level before the step, averaged over
-the pairs (measured in separate, untimed steps).
+Time: CPU seconds of this process per step (time.process_time: on a shared machine, other processes'
+load does not enter it), the methods interleaved step by step; `--repeats` independent rounds, each
+giving its median per method and its ratios; reported: the median ratio over the rounds and the spread
+(half the max - min). Memory: peak bytes in use by the C allocator (glibc mallinfo2, sampled after
+every module call and around backward) above the level before the step, averaged over the pairs
+(measured in separate, untimed steps).
+TED row: one TED stage-2 step (teacher + filters frozen; student + filters trained) through the one
+trainer (`ted.stages.stage2`, timed per step by a callback) against a hand-written loop of the same
+step (the loop TED had before it ran on the trainer), same models, data and batch.
 Checks that, with dropout off, ours and naive give the same loss (1e-5). Last line: one JSON object.
 """
 
@@ -26,9 +32,9 @@ import torch
 import transformers as tf
 
 from applications.distill import seeding
+from applications.distill.diito.pairing import draw_plan, source_permutation
+from applications.distill.diito.step import Objectives, aligned_pairs, distill_losses
 from applications.distill.objectives import cosine_loss, kd_loss, mlm_loss
-from applications.distill.pairing import draw_plan, source_permutation
-from applications.distill.step import Objectives, aligned_pairs, distill_losses
 from applications.distill.student import build_student
 from interventions import record_blocks, set_value
 
@@ -172,7 +178,7 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def step(self, k: int, mem: PeakMemory | None = None) -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         loss = self.fn(self.student, self.teacher, self.batch, self.weights, self.plans[k], self.pairs[k])
         if mem is not None:
             mem.sample()
@@ -181,27 +187,136 @@ class Runner:
             mem.sample()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
 
-def measure(student, teacher, batch, plans, pairs, steps: int) -> dict[str, tuple[float, float]]:
-    """Median s/step (methods interleaved step by step, so load changes hit all alike) and mean peak bytes."""
-    runners = {m: Runner(m, student, teacher, batch, plans, pairs) for m in METHODS}
-    times = {m: [] for m in METHODS}
-    names = list(METHODS)
+def timed_round(runners, pairs, steps: int) -> dict[str, float]:
+    """One round: median CPU s/step per method, the methods interleaved step by step (order rotated)."""
+    times = {m: [] for m in runners}
+    names = list(runners)
     for i in range(steps + 1):
         k = i % len(pairs)
-        for m in names[i % 3:] + names[: i % 3]:  # rotate the order
+        for m in names[i % 3:] + names[: i % 3]:
             dt = runners[m].step(k)
-            if i:  # the first round warms up
+            if i:  # the first step of a round warms up
                 times[m].append(dt)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def measure(student, teacher, batch, plans, pairs, steps: int, repeats: int):
+    """Per round: median s/step of each method; and mean peak bytes per method (untimed steps)."""
+    runners = {m: Runner(m, student, teacher, batch, plans, pairs) for m in METHODS}
+    rounds = [timed_round(runners, pairs, steps) for _ in range(repeats)]
     peaks = {m: [] for m in METHODS}
     for m, runner in runners.items():
         for k in range(len(pairs)):  # memory: one untimed step per aligned pair
             with PeakMemory(runner.student, teacher) as mem:
                 runner.step(k, mem)
             peaks[m].append(mem.delta)
-    return {m: (statistics.median(times[m]), statistics.mean(peaks[m])) for m in METHODS}
+    return rounds, {m: statistics.mean(p) for m, p in peaks.items()}
+
+
+def spread(values) -> tuple[float, float]:
+    """(median, half the range) of per-round figures."""
+    return statistics.median(values), (max(values) - min(values)) / 2
+
+
+# -- TED stage 2: the one trainer against a hand-written loop of the same step ------------------------
+def ted_setup(width: int, vocab: int, seq: int, batch: int, seed: int = 0):
+    from applications.distill.ted import stages as tt
+
+    torch.manual_seed(seed)
+
+    def bert(layers, hidden):
+        return tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=4 * hidden, max_position_embeddings=max(64, seq), num_labels=2,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    teacher, student = bert(6, width), bert(3, width)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = batch * 64
+    ids = torch.randint(5, vocab, (n, seq), generator=g).tolist()
+    data = tt.TaskData(ids, torch.randint(0, 2, (n,), generator=g).tolist(), 0, "classification")
+    t_f = tt.TEDFilters([1, 3, 5], width, width, "linear", "classification", 2)
+    s_f = tt.TEDFilters([0, 1, 2], width, width, "linear", "classification", 2)
+    return teacher, student, data, t_f, s_f
+
+
+def ted_loop_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
+    """The hand-written stage-2 loop (AdamW, LambdaLR warmup/decay, clipping), CPU s per step."""
+    from applications.distill.objectives.ted import TEDConfig, stage2_loss
+    from applications.distill.ted import stages as tt
+
+    config = TEDConfig(mode="ted")
+    teacher.eval().requires_grad_(False)
+    t_f.eval().requires_grad_(False)
+    student.train().requires_grad_(True)
+    params = list(student.parameters()) + list(s_f.filters.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / 2, 1.0))
+    collate = data.collator()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.process_time()
+        rows = [(i * batch + r) % len(data) for r in range(batch)]
+        b = collate([data[r] for r in rows])
+        x = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.no_grad():
+            t_logits, t_states = tt.forward_states(teacher, x, t_f.layers)
+        s_logits, s_states = tt.forward_states(student, x, s_f.layers)
+        loss, parts = stage2_loss(config, student_logits=s_logits, teacher_logits=t_logits, labels=b["labels"],
+                                  task="classification", student_states=s_states, teacher_states=t_states,
+                                  mask=x["attention_mask"], student_filters=s_f, teacher_filters=t_f)
+        if not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss")
+        parts = {k: float(v) for k, v in parts.items()}  # the old loop read every part each step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if i:
+            times.append(time.process_time() - t0)
+    return times
+
+
+class _StepTimer(tf.TrainerCallback):
+    """CPU time from one step's end to the next's: everything the trainer does per step (fetching and
+    collating the batch, moving it, the step, its bookkeeping)."""
+
+    def __init__(self):
+        self.times, self.t0 = [], None
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.process_time()
+        if self.t0 is not None:
+            self.times.append(now - self.t0)
+        self.t0 = now
+
+
+def ted_trainer_step_times(teacher, student, data, t_f, s_f, batch: int, steps: int) -> list[float]:
+    """The same step through ted.stages.stage2 (DistillTrainer), CPU s per step (the first step warms up)."""
+    from applications.distill.objectives.ted import TEDConfig
+    from applications.distill.ted import stages as tt
+
+    timer = _StepTimer()
+    opts = tt.LoopOptions(steps=steps + 2, batch_size=batch, learning_rate=1e-4, logging_steps=10 ** 6)
+    tt.stage2(TEDConfig(mode="ted"), teacher, student, data, opts, t_f, s_f, callbacks=[timer])
+    return timer.times
+
+
+def measure_ted(width: int, vocab: int, seq: int, batch: int, steps: int, repeats: int) -> list[float]:
+    """Per round: trainer s/step / loop s/step (medians), the two interleaved round by round."""
+    ratios = []
+    for r in range(repeats):
+        teacher, student, data, t_f, s_f = ted_setup(width, vocab, seq, batch)
+        order = [ted_loop_step_times, ted_trainer_step_times][:: 1 if r % 2 == 0 else -1]
+        got = {}
+        for fn in order:
+            got[fn.__name__] = statistics.median(fn(teacher, student, data, t_f, s_f, batch, steps))
+        ratios.append((got["ted_trainer_step_times"], got["ted_loop_step_times"]))
+    return ratios
 
 
 def check_same_loss(student, teacher, batch, plans, pairs) -> float:
@@ -223,6 +338,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="independent timed rounds (default 3; quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -230,27 +346,38 @@ def main(argv=None) -> dict:
     seq = args.seq or (32 if args.quick else 64)
     batch = args.batch or (8 if args.quick else 16)
     steps = args.steps or (3 if args.quick else 9)
+    repeats = args.repeats or (2 if args.quick else 3)
     teacher, student, data, plans, pairs = build(args.width, args.vocab, seq, batch)
     diff = check_same_loss(student, teacher, data, plans, pairs)
     print(f"config: teacher 6 layers, student 3 layers, width {args.width}, vocab {args.vocab}, batch {batch}x{seq}, "
           f"FULL alignment pairs {pairs}; threads {torch.get_num_threads()}")
     print(f"loss check (dropout off): |ours - naive| = {diff:.2e} <= 1e-5")
-    results = measure(student, teacher, data, plans, pairs, steps)
+    rounds, peaks = measure(student, teacher, data, plans, pairs, steps, repeats)
     floor = work_floor(args.width, args.vocab, seq, pairs)
-    print(f"{'method':10s} {'s/step':>8s} {'peak MiB':>9s}")
-    for m, (t, mem) in results.items():
-        print(f"{m:10s} {t:8.4f} {mem / 2 ** 20:9.1f}")
-    (t_std, m_std), (t_d, m_d), (t_n, m_n) = (results[m] for m in ("standard", "diito", "naive"))
-    out = {"time_ratio": round(t_d / t_std, 3), "memory_ratio": round(m_d / max(m_std, 1), 3),
-           "naive_time_ratio": round(t_n / t_d, 3), "naive_memory_ratio": round(m_n / max(m_d, 1), 3),
+    print(f"{'method':10s} {'CPU s/step':>10s} {'peak MiB':>9s}   ({repeats} rounds of {steps} steps, median)")
+    for m in METHODS:
+        print(f"{m:10s} {statistics.median(r[m] for r in rounds):10.4f} {peaks[m] / 2 ** 20:9.1f}")
+    t_ratio, t_spread = spread([r["diito"] / r["standard"] for r in rounds])
+    n_ratio, n_spread = spread([r["naive"] / r["diito"] for r in rounds])
+    ted = measure_ted(args.width, args.vocab, seq, batch, steps, repeats)
+    ted_ratio, ted_spread = spread([a / b for a, b in ted])
+    print(f"{'ted loop':10s} {statistics.median(b for _, b in ted):10.4f}")
+    print(f"{'ted trainer':10s} {statistics.median(a for a, _ in ted):10.4f}")
+    out = {"time_ratio": round(t_ratio, 3), "time_ratio_spread": round(t_spread, 3),
+           "memory_ratio": round(peaks["diito"] / max(peaks["standard"], 1), 3),
+           "naive_time_ratio": round(n_ratio, 3), "naive_time_ratio_spread": round(n_spread, 3),
+           "naive_memory_ratio": round(peaks["naive"] / max(peaks["diito"], 1), 3),
+           "ted_trainer_vs_loop_time": round(ted_ratio, 3), "ted_trainer_vs_loop_spread": round(ted_spread, 3),
            "floor_time_ratio": round(floor["time_diito_vs_standard"], 3),
            "floor_memory_ratio": round(floor["memory_diito_vs_standard"], 3),
            "floor_naive_time_ratio": round(floor["time_naive_vs_diito"], 3)}
-    print(f"DIITO / standard time   {out['time_ratio']:.2f}  (target <= 1.8; work floor {out['floor_time_ratio']:.2f})")
-    print(f"DIITO / standard memory {out['memory_ratio']:.2f}  (target <= 1.8; activation floor "
+    print(f"DIITO / standard time   {out['time_ratio']:.2f} ± {t_spread:.2f}  (target <= 1.6; work floor "
+          f"{out['floor_time_ratio']:.2f})")
+    print(f"DIITO / standard memory {out['memory_ratio']:.2f}  (target <= 1.6; activation floor "
           f"{out['floor_memory_ratio']:.2f})")
-    print(f"naive / DIITO time      {out['naive_time_ratio']:.2f}  (target >= 1.6; work floor "
+    print(f"naive / DIITO time      {out['naive_time_ratio']:.2f} ± {n_spread:.2f}  (target >= 1.75; work floor "
           f"{out['floor_naive_time_ratio']:.2f})")
+    print(f"TED stage 2: trainer / hand loop time {ted_ratio:.2f} ± {ted_spread:.2f}  (target <= 1.0)")
     print(json.dumps(out))
     return out
 

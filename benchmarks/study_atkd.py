@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
-from applications.distill.atkd import ATKDConfig, atkd_objective
+from applications.distill.objectives.atkd import ATKDConfig, atkd_objective
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 

@@ -296,7 +296,7 @@ def _run_sst(work, size, model_dir, done, log) -> dict:
     import torch
     import transformers as tf
 
-    from applications.distill import ted_train as tt
+    from applications.distill.ted import stages as tt
 
     start = time.time()
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir))

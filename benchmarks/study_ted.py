@@ -5,7 +5,7 @@ when it is absent. A word-level tokenizer (deterministic) is trained on a seeded
 architecture, 4 layers, width 128, from random init: no pretrained weights here) is fine-tuned on the
 subset first; TED's teacher filters (interval 2: blocks 1 and 3) are trained once (stage 1). Per seed,
 one student init (2 layers, width 64) is distilled three ways on the same batches with the same
-`ted_train.stage2` loop: KD (task + T²·KL), LWD (+ α_MSE · MSE of raw teacher states and learned
+`ted.stages.stage2` loop: KD (task + T²·KL), LWD (+ α_MSE · MSE of raw teacher states and learned
 projections of the student's) and TED (student stage 1 first, then + α_MSE · MSE of filtered states).
 
     python benchmarks/study_ted.py              # the study (~10 min on a shared 2-core CPU, 1 thread)
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from applications.distill import ted_train as tt
+from applications.distill.ted import stages as tt
 from applications.distill.sst import read_labelled
-from applications.distill.ted import TEDConfig
+from applications.distill.objectives.ted import TEDConfig
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst-2"
 

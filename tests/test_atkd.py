@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from interventions import InterventionError
-from applications.distill.atkd import (
-    ATKDConfig, atkd_loss, hard_mask, kd_decomposition, teacher_uncertainty, unsupported_kd,
+from applications.distill.objectives.atkd import (
+    ATKDConfig,
+    atkd_loss,
+    hard_mask,
+    kd_decomposition,
+    teacher_uncertainty,
+    unsupported_kd,
 )
+from interventions import InterventionError
 
 
 def oracle(p: torch.Tensor, q: torch.Tensor, g: int):

@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill.atkd import ATKDConfig, atkd_objective, unsupported_kd
 from applications.distill.cli import main
 from applications.distill.config import objective_weights
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer
-from applications.distill.step import Objectives, distill_losses
+from applications.distill.diito.step import Objectives, distill_losses
+from applications.distill.objectives.atkd import ATKDConfig, atkd_objective, unsupported_kd
 from interventions import InterventionError
 
 

@@ -46,3 +46,38 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ted_stage2_two_processes_match_one_filters_included(tmp_path):
+    """TED stage 2 (mode lwd: the student's projections train beside it, outside DDP's wrapper) under
+    torchrun matches one process with accumulation: fails if the extra modules' gradients are not
+    averaged across processes (each rank's projections, and so the student, would drift apart)."""
+    texts = make_corpus(48, seed=6)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    tok = train_tokenizer(texts, 100, causal=False)
+    for name, (layers, seed) in {"teacher": (4, 0), "student": (2, 1)}.items():
+        torch.manual_seed(seed)
+        model = tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=len(tok), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=24, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    common = ["ted", "stage2", "--mode", "lwd", "--teacher-interval", "2", "--student-interval", "1",
+              "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+              "--train-file", str(tmp_path / "train.tsv"), "--batch-size", "4", "--max-steps", "3",
+              "--learning-rate", "1e-2", "--max-length", "24"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--gradient-accumulation-steps", "2",
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "applications.distill", *common, "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

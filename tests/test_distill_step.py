@@ -1,14 +1,16 @@
 """The fast DIITO step (cached standard pass, replayed lower blocks) against naive interchanges computed
 with the public `interchange`; students built from teachers; alignment checks."""
 
+import contextlib
+
 import pytest
 import torch
 import transformers as tf
 
 from applications.distill import seeding
+from applications.distill.diito.pairing import draw_plan, source_permutation
+from applications.distill.diito.step import Objectives, aligned_pairs, distill_losses
 from applications.distill.errors import IncompatibleModelsError
-from applications.distill.pairing import draw_plan, source_permutation
-from applications.distill.step import Objectives, aligned_pairs, distill_losses
 from applications.distill.student import build_student, check_compatible
 from interventions import Alignment, AlignmentError, Site, get_value, interchange, set_value
 
@@ -79,6 +81,18 @@ def test_aligned_pairs_and_range_errors():
         aligned_pairs(Alignment({"layers.0.mlp_output": ["layers.0.output"]}), 2, 4)
 
 
+@contextlib.contextmanager
+def _last_block_output(model, family):
+    """Captures the last block's output as it enters the MLM head (BERT) or the final norm (GPT-2)."""
+    reader = model.cls if family == "bert" else model.transformer.ln_f
+    seen = []
+    handle = reader.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def _kl_t2(s_logits, t_logits, T):
     p = torch.softmax(t_logits / T, -1)
     return (p * (p.log() - torch.log_softmax(s_logits / T, -1))).sum(-1).mean() * T * T
@@ -106,17 +120,27 @@ def test_diito_equals_naive_public_interchange(family):
 
         student.zero_grad()
         site = lambda j, pos: Site(f"layers.{j}.output", positions=pos)
-        with torch.no_grad():
+        with torch.no_grad(), _last_block_output(teacher, family) as t_last:
             t_cf = interchange(teacher, inputs, source, [site(j, plan.base_pos) for j in t_layers],
                                source_sites=[site(j, plan.source_pos) for j in t_layers]).logits
-        s_cf = interchange(student, inputs, source, [site(s_layer, plan.base_pos)],
-                           source_sites=[site(s_layer, plan.source_pos)]).logits
+        with _last_block_output(student, family) as s_last:
+            s_cf = interchange(student, inputs, source, [site(s_layer, plan.base_pos)],
+                               source_sites=[site(s_layer, plan.source_pos)]).logits
         naive = _kl_t2(s_cf, t_cf, 2.0)
         naive.backward()
         torch.testing.assert_close(fast["diito"], naive, rtol=1e-9, atol=1e-12)
         for name, g in fast_grads.items():
             torch.testing.assert_close(g, dict(student.named_parameters())[name].grad, rtol=1e-7, atol=1e-10)
-        assert float(fast["diito_cos"].detach()) >= 0
+        # diito_cos is 1 - cos between the two models' *counterfactual* last block outputs (read here as the
+        # input of the head / final norm, outside the core's hooks). Fails if it compared the standard pass's
+        # states, the pre-swap states, or another layer's (the old `>= 0` held for any of those).
+        mask = inputs["attention_mask"].bool()
+        want = (1 - torch.nn.functional.cosine_similarity(s_last[0], t_last[0], dim=-1))[mask].mean()
+        torch.testing.assert_close(fast["diito_cos"].detach(), want.detach(), rtol=1e-9, atol=1e-12)
+        standard = (1 - torch.nn.functional.cosine_similarity(
+            get_value(student, inputs, "layers.1.output")["layers.1.output"],
+            get_value(teacher, inputs, "layers.3.output")["layers.3.output"], dim=-1))[mask].mean()
+        assert not torch.allclose(want.detach(), standard.detach())  # the swap does change what is compared
 
 
 def test_padded_batches_match_a_three_pass_reference():

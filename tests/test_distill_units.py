@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from applications.distill import seeding
 from applications.distill.config import DistillConfig, objective_weights, student_layer_indices
+from applications.distill.diito.pairing import draw_plan, source_permutation, span_length
 from applications.distill.errors import DataError, DistillConfigError, IncompatibleModelsError, SpanError
 from applications.distill.masking import clm_labels, mlm_mask, token_weights
 from applications.distill.objectives import clm_loss, cosine_loss, kd_loss, mlm_loss, top1_agreement
-from applications.distill.pairing import draw_plan, source_permutation, span_length
 
 
 # -- options ------------------------------------------------------------------------------------

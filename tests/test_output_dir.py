@@ -11,13 +11,13 @@ import transformers as tf
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from applications.distill import ted_cli
 from applications.distill.cli import main
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
 from applications.distill.data import train_tokenizer
 from applications.distill.errors import DistillConfigError
 from applications.distill.run import train
+from applications.distill.ted import cli as ted_cli
 
 tf.logging.set_verbosity_error()
 

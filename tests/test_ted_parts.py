@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 
-from interventions import InterventionError
-from applications.distill.ted import (
-    TEDConfig, TEDFilters, filtered_layers, kd_kl, masked_mse, pair_layers, stage1_loss, stage2_loss,
+from applications.distill.objectives.ted import (
+    TEDConfig,
+    TEDFilters,
+    filtered_layers,
+    kd_kl,
+    masked_mse,
+    pair_layers,
+    stage1_loss,
+    stage2_loss,
 )
+from interventions import InterventionError
 
 
 def test_filtered_layers_and_pairing():
@@ -73,10 +80,29 @@ def test_stage2_modes():
     teacher = TEDFilters([0], 8, 8, "linear", "classification", 2)
     cfg = TEDConfig(mode="ted", alpha_mse=10.0)
     loss, parts = stage2_loss(cfg, **x, student_filters=student, teacher_filters=teacher)
-    want_mse = masked_mse(student.filters[0](x["student_states"][0]), teacher.filters[0](x["teacher_states"][0]),
-                          x["mask"])
-    assert math.isclose(parts["mse"], float(want_mse.detach()), rel_tol=1e-5)
-    assert math.isclose(float(loss.detach()), parts["task"] + parts["kl"] + 10.0 * parts["mse"], rel_tol=1e-5)
+    # Oracle by hand, token by token (the old check compared masked_mse with itself and the total with the
+    # returned parts, so an MSE that averaged over padding, a KL in the wrong direction or without T^2, or a
+    # wrong task loss would all have passed).
+    fs = student.filters[0](x["student_states"][0]).detach()
+    ft = teacher.filters[0](x["teacher_states"][0]).detach()
+    cells = [((fs[b, i] - ft[b, i]) ** 2).mean() for b in range(3) for i in range(4) if x["mask"][b, i]]
+    want_mse = sum(float(c) for c in cells) / len(cells)
+    unmasked = float(((fs - ft) ** 2).mean())
+    assert not math.isclose(want_mse, unmasked, rel_tol=1e-3)  # the padded position does matter here
+    s_logits, t_logits, T = x["student_logits"].detach(), x["teacher_logits"], 2.0
+    want_task = sum(-math.log(math.exp(s_logits[b, y]) / sum(math.exp(v) for v in s_logits[b].tolist()))
+                    for b, y in enumerate(x["labels"].tolist())) / 3
+    kls = []
+    for b in range(3):
+        p = [math.exp(v / T) for v in t_logits[b].tolist()]
+        q = [math.exp(v / T) for v in s_logits[b].tolist()]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        kls.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+    want_kl = T * T * sum(kls) / 3
+    assert math.isclose(parts["mse"], want_mse, rel_tol=1e-5)
+    assert math.isclose(parts["task"], float(want_task), rel_tol=1e-5)
+    assert math.isclose(parts["kl"], want_kl, rel_tol=1e-5)
+    assert math.isclose(float(loss.detach()), float(want_task) + want_kl + 10.0 * want_mse, rel_tol=1e-5)
     loss.backward()
     assert teacher.filters[0].weight.grad is None  # the teacher's filters stay frozen in stage 2
     assert student.filters[0].weight.grad is not None

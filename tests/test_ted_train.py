@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers as tf
 
-from applications.distill import ted_cli
-from applications.distill import ted_train as tt
 from applications.distill.data import train_tokenizer
-from applications.distill.ted import TEDConfig
+from applications.distill.objectives.ted import TEDConfig
+from applications.distill.ted import cli as ted_cli
+from applications.distill.ted import stages as tt
 from interventions import InterventionError
 
 WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad", "movie", "film", "plot", "cast"]
@@ -103,7 +103,17 @@ def test_ted_all_classification_exports_a_plain_student(cls_setup, tmp_path, cap
     assert saved == fresh and not any("filter" in k or "heads" in k for k in saved)
     after = tf.AutoModelForSequenceClassification.from_pretrained(out / "student").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student did train
-    assert 0.0 <= summary["stage2"]["eval"]["accuracy"] <= 1.0 and summary["stage2"]["eval"]["examples"] == 24
+    # The reported accuracy is the exported student's, recomputed here one unpadded sentence at a time (the
+    # old `0 <= accuracy <= 1` held for any number: evaluating the student before training, batches without
+    # their attention mask, or labels read from the wrong column would all have passed).
+    exported = tf.AutoModelForSequenceClassification.from_pretrained(out / "student").eval()
+    tok = tf.AutoTokenizer.from_pretrained(out / "student")
+    rows = [line.split("\t") for line in (cls_setup / "train.tsv").read_text().splitlines()[1:]]
+    with torch.no_grad():
+        right = sum(int(exported(**tok(text, truncation=True, max_length=12, return_tensors="pt")).logits.argmax(-1))
+                    == int(label) for text, label in rows)
+    assert summary["stage2"]["eval"]["examples"] == len(rows) == 24
+    assert summary["stage2"]["eval"]["accuracy"] == right / len(rows)
     assert not list((out / "student").glob("*.pt"))  # no filter file beside the exported model
 
 
@@ -241,3 +251,30 @@ def test_the_main_cli_has_the_ted_command(cls_setup, tmp_path, capsys):
                "--train-file", str(cls_setup / "train.tsv"), "--output-dir", str(tmp_path / "s"),
                "--student-filters", str(tmp_path / "f.pt"), *_loop("--steps", "1")])  # no teacher filters given
     assert rc == 2 and "needs the teacher's stage-1 filter file: pass --teacher-filters" in capsys.readouterr().err
+
+
+def test_ted_stages_get_the_trainers_logs_checkpoints_and_resume(cls_setup, tmp_path, capsys):
+    """Stage 1 and stage 2 run on the one trainer: log.csv, TensorBoard and the loss curve beside their
+    outputs, checkpoints with --save-steps, and --resume-from-checkpoint continues a stage-2 run."""
+    rc = ted_cli.main(["stage1", "--model", str(cls_setup / "teacher"), "--train-file", str(cls_setup / "train.tsv"),
+                       "--output", str(tmp_path / "f.pt"), "--interval", "4", *_loop("--steps", "2")])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["layers"] == [3]
+    for name in ("log.csv", "loss_curve.png"):
+        assert (tmp_path / "f_logs" / name).is_file(), name
+    assert list((tmp_path / "f_logs").glob("runs/*/events.out.tfevents.*"))
+    common = ["stage2", "--mode", "kd", "--teacher", str(cls_setup / "teacher"), "--student",
+              str(cls_setup / "student"), "--train-file", str(cls_setup / "train.tsv"), "--output-dir",
+              str(tmp_path / "s"), "--save-steps", "2", "--gradient-accumulation-steps", "2", *_loop("--steps", "4")]
+    assert ted_cli.main(common) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "s" / "checkpoint-2").is_dir() and (tmp_path / "s" / "loss_curve.png").is_file()
+    steps = [line.split(",")[0] for line in (tmp_path / "s" / "log.csv").read_text().splitlines()[1:]
+             if line.split(",")[1] == "loss"]
+    assert steps == ["1", "2", "3", "4"]
+    assert ted_cli.main([*common, "--resume-from-checkpoint", str(tmp_path / "s" / "checkpoint-2")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["steps"] == 4 and again["first"] == first["first"]  # the run's log, restored from the checkpoint
+    assert again["last"] == first["last"]  # steps 3 and 4 again, from checkpoint-2: the same losses
+    steps = [line.split(",")[0] for line in (tmp_path / "s" / "log.csv").read_text().splitlines()[1:]
+             if line.split(",")[1] == "loss"]
+    assert steps == ["1", "2", "3", "4"]  # each step once in log.csv after the resume

@@ -1,16 +1,16 @@
 """Distillation of Hugging Face language models: causal distillation (DIITO), standard KD, ATKD and TED.
 
-Library pieces, one concept each: config (options), data (reading, tokenizing, batching), masking
-(MLM masking), pairing (sources and spans), objectives (pure losses), atkd (ATKD's TKD/DKD split),
-ted (TED's filters and stage losses), ted_train / ted_cli (TED's stages), sst (SST-2-style tsv),
-student (building students), step (one step's losses with the cached counterfactual pass), trainer
-(HF Trainer), evaluate (perplexity, IIA), demo (the embedded demo).
-CLI: ``python -m applications.distill --help``.
+Every method is a `trainer.Method` on the one `trainer.DistillTrainer` (a transformers.Trainer).
+Where things are: cli (commands), config (options), run (train / pretrain), data (reading,
+tokenizing, the collator), models / student, trainer (the one trainer), methods (KD, DIITO, ATKD as
+one Method), batching / masking / seeding (a batch's draws on its device), objectives/ (kd, atkd,
+ted: pure losses), diito/ (pairing, step: the counterfactual pass), ted/ (stages, cli), evaluate
+(perplexity, IIA), output_dir, plot, demo. CLI: ``python -m applications.distill --help``.
 """
 
 from .config import DistillConfig, objective_weights
+from .diito.step import Objectives, aligned_pairs, distill_losses
 from .errors import DataError, DistillConfigError, IncompatibleModelsError, NonFiniteLossError, SpanError
-from .step import Objectives, aligned_pairs, distill_losses
 
 __all__ = [
     "DataError", "DistillConfig", "DistillConfigError", "IncompatibleModelsError", "NonFiniteLossError",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from . import seeding
+from .diito.pairing import InterchangePlan, draw_plan, source_order
 from .masking import clm_labels, mlm_mask
-from .pairing import InterchangePlan, draw_plan, source_permutation
 
 MASK, SPAN, PERM, PAIR = 1, 2, 3, 4  # independent random streams
 
@@ -39,22 +39,32 @@ class Prepared:
     pair: tuple | None
 
 
+def _keys(seed: int, step: int, idx, stream: int) -> list[int]:
+    return [seeding.key(seed, step, int(i), stream) for i in idx]
+
+
 def prepare(batch: dict, step: int, recipe: BatchRecipe) -> Prepared:
-    """Mask (MLM) or label (CLM) the batch and draw its interchange plan for optimizer step `step`."""
-    ids, attn, idx = batch["input_ids"], batch["attention_mask"], batch["idx"].tolist()
+    """Mask (MLM) or label (CLM) the batch and draw its interchange plan for optimizer step `step`.
+
+    `batch` holds input_ids / attention_mask on the model's device and, from the collator, `idx` and
+    `lengths` as lists: every draw is keyed by them, so nothing is read back from the device and every
+    tensor is made on the batch's device.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    idx = batch["idx"] if isinstance(batch["idx"], list) else batch["idx"].tolist()
+    lengths = batch.get("lengths")
     if recipe.causal:
         inputs = {"input_ids": ids, "attention_mask": attn}
         labels = clm_labels(ids, attn)
     else:
         masked = mlm_mask(ids, attn, recipe.token_weights, recipe.mask_token_id, recipe.vocab_size,
-                          seeding.row_generators(recipe.seed, step, idx, MASK), recipe.mlm_probability,
-                          recipe.mask_split)
+                          _keys(recipe.seed, step, idx, MASK), recipe.mlm_probability, recipe.mask_split, lengths)
         inputs = {"input_ids": masked.input_ids, "attention_mask": attn}
         labels = masked.labels
     plan = pair = None
     if recipe.pairs:
-        pair = recipe.pairs[int(torch.randint(len(recipe.pairs), (1,), generator=seeding.generator(recipe.seed, step, PAIR)))]
-        perm = source_permutation(len(idx), seeding.generator(recipe.seed, step, PERM, *idx))
-        plan = draw_plan(attn, seeding.row_generators(recipe.seed, step, idx, SPAN), perm, recipe.span_mode,
-                         recipe.span_fraction, None if recipe.causal else labels)
+        pair = recipe.pairs[seeding.rng(seeding.key(recipe.seed, step, PAIR)).randrange(len(recipe.pairs))]
+        perm = source_order(len(idx), seeding.key(recipe.seed, step, PERM, *idx))
+        plan = draw_plan(attn, _keys(recipe.seed, step, idx, SPAN), perm, recipe.span_mode,
+                         recipe.span_fraction, None if recipe.causal else labels, lengths)
     return Prepared(inputs, labels, plan, pair)

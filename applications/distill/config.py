@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -89,19 +92,29 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 5.0
-    max_steps: int = -1
+    max_steps: int | None = None  # unset: train for num_epochs; set: exactly this many optimizer steps
     num_epochs: float = 3.0
     save_steps: int = 500
     logging_steps: int = 10
     seed: int = 56
+    eval_batch_size: int = 16  # evaluation batches (IIA pairs sources within a batch): the `eval` default
     resume: Any = None  # a checkpoint directory, or True for the latest in output_dir
     overwrite_output_dir: bool = False  # replace the previous run's files in a non-empty output_dir
     vocab_size: int | None = None  # for a tokenizer trained when the teacher has none
     text_column: str = "text"
     progress: bool = True
     plot: bool = True
+    bf16: bool = False  # bf16 autocast (CPU and GPU)
+    fp16: bool = False  # fp16 autocast with loss scaling (GPU; on a CPU it runs as bf16 autocast)
+    teacher_dtype: str | None = None  # float32, bfloat16 or float16: the frozen teacher's dtype
+    eval_steps: int | None = None  # evaluate --eval-file every N steps (its losses in the logs)
 
     def __post_init__(self):
+        for name, hint in _field_types().items():  # flags and config-file values alike: one typed path
+            object.__setattr__(self, name, _coerce(name, hint, getattr(self, name)))
+        object.__setattr__(self, "student_layers", _student_layers(self.student_layers))
+        object.__setattr__(self, "objectives", _objectives(self.objectives))
+        object.__setattr__(self, "resume", _resume(self.resume))
         if self.alignment not in ALIGNMENTS:
             raise DistillConfigError(f"unknown alignment {self.alignment!r}; valid: {', '.join(ALIGNMENTS)}")
         if self.span_mode not in SPAN_MODES:
@@ -116,16 +129,35 @@ class DistillConfig:
             raise DistillConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if len(self.mask_split) != 3 or abs(sum(self.mask_split) - 1) > 1e-6 or min(self.mask_split) < 0:
             raise DistillConfigError(f"mask_split must be 3 non-negative shares summing to 1, got {self.mask_split}")
-        from .atkd import ATKDConfig
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise DistillConfigError(f"betas must be 2 numbers in [0, 1), e.g. 0.9,0.98; got {self.betas}")
+        from .objectives.atkd import ATKDConfig
 
         ATKDConfig(lam=self.atkd_lambda, hard_fraction=self.atkd_hard_fraction)  # raises on bad values
         if self.temperature <= 0:
             raise DistillConfigError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise DistillConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        object.__setattr__(self, "mask_split", tuple(float(x) for x in self.mask_split))
-        object.__setattr__(self, "betas", tuple(float(x) for x in self.betas))
+        for name in AT_LEAST_ONE:
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                hint = " (leave it unset to train for --num-train-epochs)" if name == "max_steps" else ""
+                raise DistillConfigError(f"{name} ({_flag(name)}) must be >= 1, got {value}{hint}")
+        if not self.num_epochs > 0:
+            raise DistillConfigError(f"num_epochs ({_flag('num_epochs')}) must be > 0, got {self.num_epochs}; "
+                                     "or give --max-steps")
+        if not 0 <= self.warmup_ratio < 1:
+            raise DistillConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("learning_rate", "max_grad_norm", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                raise DistillConfigError(f"{name} ({_flag(name)}) must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise DistillConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        weights = self.weights  # raises on an unknown objective or a bad weight
+        if ("diito" in weights or "diito_cos" in weights) and self.batch_size < 2:
+            raise DistillConfigError(
+                f"the counterfactual objectives (diito, diito_cos) swap each example's span with another example "
+                f"of its batch, so they need a batch of >= 2 examples per device; got batch_size "
+                f"({_flag('batch_size')}) {self.batch_size}"
+            )
 
     @property
     def weights(self) -> dict[str, float]:
@@ -140,8 +172,8 @@ class DistillConfig:
         """Options from a YAML/JSON file, then `overrides` (values that are None are ignored)."""
         values: dict[str, Any] = {}
         if config_file:
-            values.update(load_config_file(config_file))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            values.update(canonical_keys(load_config_file(config_file), f"config file {config_file!r}"))
+        values.update(canonical_keys({k: v for k, v in overrides.items() if v is not None}, "the options"))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -150,6 +182,128 @@ class DistillConfig:
 
     def replace(self, **changes) -> DistillConfig:
         return replace(self, **changes)
+
+
+#: Options that must be >= 1 when given (intervals and counts; max_steps unset means "train by epochs").
+AT_LEAST_ONE = ("max_steps", "save_steps", "logging_steps", "eval_steps", "batch_size", "eval_batch_size",
+                "grad_accum", "max_length", "vocab_size")
+#: Hugging Face TrainingArguments names (and this CLI's earlier spellings) for DistillConfig fields.
+ALIASES = {
+    "num_train_epochs": "num_epochs", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "resume_from_checkpoint": "resume", "steps": "max_steps", "output": "output_dir",
+}
+#: The flag each field is spelled as on the command line (TrainingArguments' name where it has one).
+FLAGS = {field: "--" + alias.replace("_", "-") for alias, field in ALIASES.items() if alias not in ("steps", "output")}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def canonical_keys(values: dict, where: str) -> dict:
+    """Option names with aliases (TrainingArguments' names, older spellings) replaced by the field names."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            raise DistillConfigError(f"{where} give{'s' if where.startswith('config') else ''} {name!r} twice "
+                                     f"(as {key!r} and as an alias); keep one")
+        out[name] = value
+    return out
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(DistillConfig)
+
+
+def _coerce(name: str, hint, value):
+    """`value` as the field's type: the same conversion for a flag's text and a config file's value."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in allowed or hint is Any:
+            return None
+        raise DistillConfigError(f"{name} ({_flag(name)}) needs a value")
+    kind = next((t for t in allowed if t is not type(None)), Any)
+    where = f"{name} ({_flag(name)})"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise DistillConfigError(f"{where} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise DistillConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise DistillConfigError(f"{where} must be an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise DistillConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DistillConfigError(f"{where} must be a number, got {value!r}") from None
+    if kind is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            return tuple(float(x) for x in items)
+        except (TypeError, ValueError):
+            raise DistillConfigError(f"{where} must be a comma list of numbers, e.g. 0.9,0.98; got {value!r}") \
+                from None
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Path):
+            return str(value)
+        raise DistillConfigError(f"{where} must be a string, got {value!r} ({type(value).__name__})")
+    return value  # Any: checked by its own rule below
+
+
+def _student_layers(value):
+    """A count of layers (int) or a tuple of teacher layer indices, from an int, a list or '2' / '0,2,4'."""
+    shown = ("student_layers (--student-layers) must be a number of layers (e.g. 6) or a comma list of teacher "
+             f"layers (e.g. 0,2,4), got {value!r}")
+    if isinstance(value, bool):
+        raise DistillConfigError(shown)
+    if isinstance(value, int):
+        return value
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)):
+        raise DistillConfigError(shown)
+    try:
+        layers = tuple(int(str(x).strip()) for x in parts)
+    except ValueError:
+        raise DistillConfigError(shown) from None
+    if isinstance(value, str) and "," not in value:
+        return layers[0]
+    return layers
+
+
+def _objectives(value):
+    if value is None or isinstance(value, (str, dict)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+        return ",".join(value)
+    raise DistillConfigError(f"objectives must be a comma list such as 'mlm,ce' or 'ce=0.7,mlm=0.3' (or a mapping "
+                             f"of weights in a config file), got {value!r}")
+
+
+def _resume(value):
+    if value is None or value is False:
+        return None
+    if value is True or isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    raise DistillConfigError(f"resume ({_flag('resume')}) must be a checkpoint directory or 'latest', got {value!r}")
 
 
 def load_config_file(path: str) -> dict:
@@ -174,8 +328,7 @@ def load_config_file(path: str) -> dict:
 
 def student_layer_indices(spec, n_teacher: int) -> list[int]:
     """Which teacher layers initialise the student: a count (DistilBERT rule) or an explicit list."""
-    if isinstance(spec, str):
-        spec = [int(x) for x in spec.split(",")] if "," in spec else int(spec)
+    spec = _student_layers(spec)
     if isinstance(spec, int):
         if not 1 <= spec <= n_teacher:
             raise DistillConfigError(f"student_layers must be in 1..{n_teacher} (the teacher's layers), got {spec}")
@@ -194,3 +347,32 @@ def student_layer_indices(spec, n_teacher: int) -> list[int]:
         )
     return layers
 
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise (one line, exit code 2 from `main`) instead of exiting."""
+
+    def error(self, message):
+        raise DistillConfigError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value

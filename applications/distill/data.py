@@ -66,17 +66,29 @@ def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
 
 
 class TokenizedTexts(Dataset):
-    """Token id lists with their dataset index; `min_length` drops shorter examples (counted)."""
+    """Token id lists with their dataset index; `min_length` drops shorter examples (counted in `dropped`),
+    and `truncated` counts the examples cut to `max_length` tokens."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data"):
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data",
+                 why: str = "the interchange span needs that many"):
+        texts = list(texts)
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        full = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        extra = tokenizer.num_special_tokens_to_add()
+        self.truncated = sum(len(ids) + extra > max_length for ids in full)
         self.examples = [ids for ids in encoded if len(ids) >= min_length]
         self.dropped = len(encoded) - len(self.examples)
+        self.min_length, self.max_length, self.source = min_length, max_length, source
         if not self.examples:
             raise DataError(
-                f"{source}: every example is shorter than {min_length} tokens after tokenizing (the interchange "
-                "span needs that many); give longer texts."
+                f"{source}: every example is shorter than {min_length} tokens after tokenizing ({why}); "
+                "give longer texts."
             )
+
+    def report(self) -> str:
+        """One line for the log: examples kept, dropped as too short, truncated to max_length."""
+        return (f"{self.source}: {len(self.examples)} examples; {self.dropped} dropped as shorter than "
+                f"{self.min_length} tokens; {self.truncated} truncated to {self.max_length} tokens")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -91,19 +103,27 @@ class TokenizedTexts(Dataset):
 
 
 class Collator:
-    """Right-pads a list of examples into input_ids / attention_mask / idx tensors."""
+    """Right-pads examples into input_ids / attention_mask tensors (the Trainer moves them to the device).
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    `idx` (dataset indices, which key the random draws) and `lengths` stay Python lists, so a step
+    never reads them back from the device. Class labels (a `labels` int per example) become a
+    tensor; `lm_labels` adds next-token labels (the input ids, -100 on padding).
+    """
+
+    def __init__(self, pad_token_id: int, lm_labels: bool = False):
+        self.pad_token_id, self.lm_labels = pad_token_id, lm_labels
 
     def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for r, f in enumerate(features):
-            ids[r, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
-            mask[r, : len(f["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "idx": torch.tensor([f["idx"] for f in features])}
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        ids = torch.tensor([f["input_ids"] + [self.pad_token_id] * (width - n) for f, n in zip(features, lengths)])
+        mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+        batch = {"input_ids": ids, "attention_mask": mask, "idx": [f["idx"] for f in features], "lengths": lengths}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features])
+        elif self.lm_labels:
+            batch["labels"] = ids.masked_fill(mask == 0, -100)
+        return batch
 
 
 #: BERT's special tokens, in the id order both BERT-style tokenizers here give them (0..4).

@@ -22,12 +22,17 @@ def is_causal_lm(model_or_config) -> bool:
         "bert", "roberta", "distilbert")
 
 
-def load_lm(path: str) -> nn.Module:
-    """A masked or causal LM with its head, from a save_pretrained directory or a hub id."""
+def load_config(path: str):
+    """A model's config (no weights), from a save_pretrained directory or a hub id."""
     try:
-        config = tf.AutoConfig.from_pretrained(path)
+        return tf.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise DistillConfigError(f"cannot load a model config from {path!r}: {e}") from e
+
+
+def load_lm(path: str) -> nn.Module:
+    """A masked or causal LM with its head, from a save_pretrained directory or a hub id."""
+    config = load_config(path)
     auto = tf.AutoModelForCausalLM if is_causal_lm(config) else tf.AutoModelForMaskedLM
     return auto.from_pretrained(path)
 
@@ -52,12 +57,21 @@ def ensure_pad(tokenizer):
     return tokenizer
 
 
-def max_tokens(model: nn.Module, wanted: int) -> int:
+def max_tokens(model_or_config, wanted: int) -> int:
     """`wanted`, capped at the positions the model can embed (RoBERTa's offset of 2 included)."""
-    config = model.config
+    config = getattr(model_or_config, "config", model_or_config)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is None:
         return wanted
     if config.model_type in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2
     return min(wanted, limit)
+
+
+def enable_cache(model: nn.Module) -> None:
+    """A saved model generates with its KV cache (training turns `use_cache` off in some configs)."""
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "use_cache"):
+        generation.use_cache = True

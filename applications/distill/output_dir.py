@@ -10,6 +10,7 @@ options of the run that owns the directory, so a resume into another run's direc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -23,7 +24,7 @@ ARTEFACTS = ("checkpoint-*", "runs", "log.csv", "loss_curve.png", "summary.json"
              "ted_summary.json", "teacher_filters.pt", "student_filters.pt", "student")
 #: Options that steer a run without changing what it trains: they may differ on a resume.
 RUN_CONTROL = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress", "plot", "eval_file",
-                         "logging_steps", "save_steps", "max_steps", "num_epochs"})
+                         "logging_steps", "save_steps", "max_steps", "num_epochs", "eval_batch_size"})
 
 
 def _resolved(path: str | Path) -> Path:
@@ -78,9 +79,22 @@ def _check_same_run(out: Path, options: Mapping) -> None:
     if diffs:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diffs.items()))
         raise DistillConfigError(
-            f"--resume into {out}: the run there was started with other options ({shown}). Resume with the same "
+            f"--resume-from-checkpoint into {out}: the run there was started with other options ({shown}). Resume with the same "
             "options, or start a new run in another --output-dir (or pass --overwrite-output-dir to replace it)."
         )
+
+
+def check_writable(path: str | Path, flag: str = "--output-dir") -> None:
+    """Raise unless a directory can be created (or written) at `path`: its nearest existing ancestor is a
+    writable directory. Nothing is created; the check runs before training, not after it."""
+    p = _resolved(path)
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DistillConfigError(f"{flag} {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DistillConfigError(f"{flag} {str(path)!r} is not writable (no write permission on {str(ancestor)!r})")
 
 
 def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None], overwrite: bool = False,
@@ -96,6 +110,7 @@ def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DistillConfigError(f"{flag} {output_dir!r} is a file, not a directory")
+    check_writable(out, flag)
     entries = _entries(out)
     if entries and overwrite:
         _artefacts(out, sources)
@@ -106,7 +121,7 @@ def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise DistillConfigError(
             f"{flag} {output_dir!r} is not empty ({shown}): another run's files would mix with this one's. "
-            "Choose a new directory, continue that run with --resume latest, or replace it with "
+            "Choose a new directory, continue that run with --resume-from-checkpoint latest, or replace it with "
             "--overwrite-output-dir."
         )
     return out

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,16 +16,19 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .batching import BatchRecipe
-from .config import DistillConfig
+from .config import DistillConfig, student_layer_indices
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
-from .errors import DistillConfigError
+from .diito.step import Objectives, aligned_pairs
+from .errors import DataError, DistillConfigError
 from .masking import token_weights
-from .models import ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
+from .methods import LMDistillation
+from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
-from .step import Objectives, aligned_pairs
 from .student import build_student, check_compatible, num_layers
 from .trainer import CSVLogCallback, DistillTrainer
+
+logger = logging.getLogger("applications.distill")
 
 
 def resolve_objectives(weights: dict[str, float], causal: bool, explicit: bool) -> dict[str, float]:
@@ -39,31 +42,91 @@ def resolve_objectives(weights: dict[str, float], causal: bool, explicit: bool) 
     return weights
 
 
-def setup_tokenizer(cfg: DistillConfig, teacher: nn.Module, texts: list[str], tokenizer=None):
+def setup_tokenizer(cfg: DistillConfig, teacher_config, texts: list[str], tokenizer=None):
     """The teacher's tokenizer, or one trained on the training texts with the teacher's vocabulary size."""
     tokenizer = tokenizer or (load_tokenizer(cfg.teacher) if cfg.teacher else None)
-    vocab = teacher.get_output_embeddings().weight.shape[0]
+    vocab = teacher_config.vocab_size
     if tokenizer is None:
-        tokenizer = train_tokenizer(texts, cfg.vocab_size or vocab, causal=is_causal_lm(teacher))
+        tokenizer = train_tokenizer(texts, cfg.vocab_size or vocab, causal=is_causal_lm(teacher_config))
     if len(tokenizer) > vocab:
         raise DistillConfigError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary only {vocab}")
     return ensure_pad(tokenizer)
 
 
-def training_arguments(cfg: DistillConfig) -> TrainingArguments:
-    """The paper's optimisation (AdamW, betas (0.9, 0.98), eps 1e-6, 5% warmup, linear decay, clip 5)."""
+def training_arguments(cfg: DistillConfig, drop_last: bool = False) -> TrainingArguments:
+    """The paper's optimisation (AdamW, betas (0.9, 0.98), eps 1e-6, 5% warmup, linear decay, clip 5).
+
+    The warmup (cfg.warmup_ratio) is applied by DistillTrainer.create_scheduler, as a step count."""
     cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = _world_size() > 1
     return TrainingArguments(
-        output_dir=cfg.output_dir, max_steps=cfg.max_steps, num_train_epochs=cfg.num_epochs,
+        output_dir=cfg.output_dir, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.num_epochs, dataloader_drop_last=drop_last,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
-        adam_epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+        adam_epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay, warmup_steps=0,
         lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, report_to=["tensorboard"], seed=cfg.seed,
         data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        **precision_and_eval(cfg),
     )
+
+
+def precision_and_eval(cfg) -> dict:
+    """TrainingArguments for --bf16 / --fp16 (autocast; on a CPU fp16 falls back to bf16 autocast, which
+    is what CPUs support) and periodic evaluation every --eval-steps when an eval file is given."""
+    cpu = not torch.cuda.is_available()
+    out = {"bf16": bool(cfg.bf16 or (cfg.fp16 and cpu)), "fp16": bool(cfg.fp16 and not cpu),
+           "logging_nan_inf_filter": False, "prediction_loss_only": True}
+    if cfg.eval_file and cfg.eval_steps:
+        out.update(eval_strategy="steps", eval_steps=cfg.eval_steps, per_device_eval_batch_size=cfg.batch_size)
+    return out
+
+
+def teacher_dtype(name: str | None):
+    """The --teacher-dtype option as a torch dtype (None: the teacher stays as loaded)."""
+    if name in (None, "", "auto"):
+        return None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise DistillConfigError(f"teacher_dtype must be one of {', '.join(dtypes)} (or auto), got {name!r}")
+    return dtypes[name]
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_sources(cfg: DistillConfig, teacher: nn.Module | None, tokenizer=None):
+    """Before any weights are loaded: teacher and student are LMs of one kind (causal or masked) with one
+    vocabulary (its size from the configs; the token -> id mapping itself when both have tokenizers), and
+    the student's layer choice fits the teacher.
+
+    Returns (teacher config, student config or None, the tokenizer to use: the given one, the teacher's,
+    else the student's, or None)."""
+    from .models import load_config
+    from .student import check_configs, check_tokenizers
+
+    t_config = teacher.config if teacher is not None else load_config(cfg.teacher)
+    s_config = load_config(cfg.student) if cfg.student else None
+    if s_config is not None:
+        check_configs(s_config, t_config)
+    elif getattr(t_config, "num_hidden_layers", None):
+        student_layer_indices(cfg.student_layers, t_config.num_hidden_layers)  # raises on a bad layer choice
+    t_tok = tokenizer or (load_tokenizer(cfg.teacher) if cfg.teacher else None)
+    s_tok = load_tokenizer(cfg.student) if cfg.student else None
+    if t_tok is not None and s_tok is not None:
+        check_tokenizers(s_tok, t_tok)
+    return t_config, s_config, t_tok or s_tok
+
+
+def _layer_counts(cfg: DistillConfig, t_config, s_config) -> tuple[int, int]:
+    """(student layers, teacher layers) from the configs."""
+    n_teacher = t_config.num_hidden_layers
+    if s_config is not None:
+        return s_config.num_hidden_layers, n_teacher
+    return len(student_layer_indices(cfg.student_layers, n_teacher)), n_teacher
 
 
 def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=None, callbacks=()) -> dict:
@@ -75,27 +138,38 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     resume = _claim(cfg)  # the output directory is checked before anything is loaded or written
     texts = read_texts(cfg.train_file, cfg.text_column)  # bad data fails before any model is loaded
     eval_texts = read_texts(cfg.eval_file, cfg.text_column) if cfg.eval_file else None
-    torch.manual_seed(cfg.seed)
-    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
-    causal = is_causal_lm(teacher)
-    tokenizer = setup_tokenizer(cfg, teacher, texts, tokenizer)
-    student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    # From the configs and the tokenizer, before any weights load: kinds, vocabularies, layers, objectives, data.
+    t_config, s_config, tokenizer = check_sources(cfg, teacher, tokenizer)
+    causal = is_causal_lm(t_config)
+    tokenizer = setup_tokenizer(cfg, t_config, texts, tokenizer)
     weights = resolve_objectives(cfg.weights, causal, explicit=cfg.objectives is not None)
     objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope, cfg.atkd_lambda, cfg.atkd_hard_fraction)
+    n_student, n_teacher = _layer_counts(cfg, t_config, s_config)
+    pairs = tuple(aligned_pairs(cfg.alignment, n_student, n_teacher)) if objectives.counterfactual else ()
+    min_len, why = min_tokens(causal, cfg.span_fraction if pairs else None)
+    max_length = min(max_tokens(t_config, cfg.max_length), max_tokens(s_config or t_config, cfg.max_length))
+    dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file, why=why)
+    _log_data(dataset)
+    per_step = cfg.batch_size * _world_size()
+    if pairs and len(dataset) < per_step:
+        raise DataError(f"{cfg.train_file}: {len(dataset)} usable examples, fewer than one batch ({per_step}); the "
+                        "counterfactual objectives need full batches. Give more text or a smaller batch size.")
+    # a batch of 1 has no other example to swap with: counterfactual runs drop a last batch that would be one
+    drop_last = bool(pairs) and (_world_size() > 1 or len(dataset) % cfg.batch_size == 1)
+    if not causal and tokenizer.mask_token_id is None:
+        raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
+    torch.manual_seed(cfg.seed)
+    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
+    student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    if (num_layers(student), num_layers(teacher)) != (n_student, n_teacher):  # the configs' counts are the models'
+        raise DistillConfigError(f"the models have {num_layers(student)} and {num_layers(teacher)} blocks, but their "
+                                 f"configs say {n_student} and {n_teacher}")
     needs_cos = "cos" in weights or "diito_cos" in weights
     check_compatible(student, teacher, need_hidden=needs_cos, projection=cfg.cos_projection)
     projection = None
     hs, ht = student.config.hidden_size, teacher.config.hidden_size
     if needs_cos and cfg.cos_projection and hs != ht:
         projection = nn.Linear(hs, ht, bias=False)
-    pairs = tuple(aligned_pairs(cfg.alignment, num_layers(student), num_layers(teacher))) \
-        if objectives.counterfactual else ()
-    min_len = math.ceil(1 / cfg.span_fraction) if pairs else 1
-    max_length = min(max_tokens(teacher, cfg.max_length), max_tokens(student, cfg.max_length))
-    dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file)
-    if dataset.dropped:
-        warnings.warn(f"dropped {dataset.dropped} training examples shorter than {min_len} tokens "
-                      "(too short for an interchange span)", stacklevel=2)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     special = list(tokenizer.all_special_ids)
     recipe = BatchRecipe(
@@ -103,13 +177,14 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         token_weights=None if causal else token_weights(dataset.token_counts(vocab), special, cfg.mlm_smoothing),
         mask_token_id=tokenizer.mask_token_id, vocab_size=vocab, mlm_probability=cfg.mlm_probability,
         mask_split=cfg.mask_split, span_mode=cfg.span_mode, span_fraction=cfg.span_fraction)
-    if not causal and tokenizer.mask_token_id is None:
-        raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     out = Path(cfg.output_dir)
+    eval_dataset = TokenizedTexts(eval_texts, tokenizer, max_length, min_len, source=cfg.eval_file) \
+        if eval_texts is not None and cfg.eval_steps else None
     trainer = DistillTrainer(
-        model=student, args=training_arguments(cfg), train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id), teacher=teacher, objectives=objectives, recipe=recipe,
-        projection=projection, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+        model=student, args=training_arguments(cfg, drop_last), train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=Collator(tokenizer.pad_token_id), method=LMDistillation(teacher, objectives, recipe, projection),
+        teacher_dtype=teacher_dtype(cfg.teacher_dtype), warmup_ratio=cfg.warmup_ratio,
+        callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
@@ -121,8 +196,10 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
                "train_loss": train_loss, "objectives": weights, "causal": causal,
-               "student_layers": num_layers(student), "teacher_layers": num_layers(teacher)}
+               "student_layers": num_layers(student), "teacher_layers": num_layers(teacher),
+               "data": {"examples": len(dataset), "dropped_short": dataset.dropped, "truncated": dataset.truncated}}
     if trainer.is_world_process_zero():
+        enable_cache(student)
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         if projection is not None:
@@ -132,13 +209,26 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         if cfg.plot and (out / "log.csv").is_file():
             summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
         if eval_texts is not None:
-            from .evaluate import evaluate
+            from .evaluate import EVAL_SEED, evaluate
 
             summary["eval"] = evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
-                                       max_length=max_length, seed=cfg.seed, batch_size=cfg.batch_size,
+                                       max_length=cfg.max_length, seed=EVAL_SEED, batch_size=cfg.eval_batch_size,
                                        span_fraction=cfg.span_fraction)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def min_tokens(causal: bool, span_fraction: float | None) -> tuple[int, str]:
+    """The fewest tokens an example needs, and why: 2 for a causal LM (one next-token target), and
+    ceil(1 / span_fraction) for an interchange span of at least one position."""
+    need, why = (2, "a causal LM needs a next token to predict") if causal else (1, "")
+    if span_fraction is not None and math.ceil(1 / span_fraction) > need:
+        need, why = math.ceil(1 / span_fraction), f"an interchange span of {span_fraction:g} x length needs that many"
+    return need, why or "too short to train on"
+
+
+def _log_data(dataset: TokenizedTexts) -> None:
+    (logger.warning if dataset.dropped or dataset.truncated else logger.info)(dataset.report())
 
 
 _LATEST = (True, "auto", "latest")
@@ -202,7 +292,10 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) 
     """Plain MLM/CLM training of `model` (e.g. a demo teacher) with the same Trainer and schedule."""
     causal = is_causal_lm(model)
     tokenizer = ensure_pad(tokenizer)
-    dataset = TokenizedTexts(texts, tokenizer, max_tokens(model, cfg.max_length), 1, source="pretraining data")
+    min_len, why = min_tokens(causal, None)
+    dataset = TokenizedTexts(texts, tokenizer, max_tokens(model, cfg.max_length), min_len, source="pretraining data",
+                             why=why)
+    _log_data(dataset)
     vocab = model.get_output_embeddings().weight.shape[0]
     recipe = BatchRecipe(
         causal=causal, seed=cfg.seed, pairs=(),
@@ -214,12 +307,13 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], cfg: DistillConfig) 
     begin_run(out, sources={}, overwrite=cfg.overwrite_output_dir)
     trainer = DistillTrainer(
         model=model, args=training_arguments(cfg), train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id), teacher=None,
-        objectives=Objectives({"clm" if causal else "mlm": 1.0}, causal), recipe=recipe,
-        callbacks=[CSVLogCallback(out / "log.csv")])
+        data_collator=Collator(tokenizer.pad_token_id),
+        method=LMDistillation(None, Objectives({"clm" if causal else "mlm": 1.0}, causal), recipe),
+        warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv")])
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     result = trainer.train()
+    enable_cache(model)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     return {"output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": result.training_loss}

@@ -6,7 +6,7 @@ spans independent of the process layout (1 process or DDP) and of interruptions 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
 
 import torch
 
@@ -27,6 +27,9 @@ def generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(key(*parts))
 
 
-def row_generators(seed: int, step: int, ids: Iterable[int], stream: int) -> list[torch.Generator]:
-    """One generator per example (by its dataset index), for one purpose (`stream`) at one step."""
-    return [generator(seed, step, int(i), stream) for i in ids]
+def rng(source: int | torch.Generator) -> random.Random:
+    """A Python RNG for one stream: its draws are plain numbers (no tensor, so no device sync) on any device.
+
+    `source` is an integer key or a torch generator made by `generator` (its seed is the key).
+    """
+    return random.Random(source if isinstance(source, int) else source.initial_seed())

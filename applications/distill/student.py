@@ -77,8 +77,57 @@ def _tied(model: nn.Module) -> set[str]:
     return tied
 
 
+def _kind(model_or_config) -> str:
+    from .models import is_causal_lm
+
+    return "causal" if is_causal_lm(model_or_config) else "masked"
+
+
+def _vocab_size(config) -> int | None:
+    return getattr(config, "vocab_size", None)
+
+
+def check_configs(student_config, teacher_config) -> None:
+    """From the configs alone (before any weights load): one kind of LM (causal or masked), one vocabulary size."""
+    ks, kt = _kind(student_config), _kind(teacher_config)
+    if ks != kt:
+        raise IncompatibleModelsError(
+            f"the teacher is a {kt} LM ({', '.join(teacher_config.architectures or [teacher_config.model_type])}) "
+            f"but the student a {ks} LM ({', '.join(student_config.architectures or [student_config.model_type])}); "
+            "distillation needs one kind: both causal or both masked"
+        )
+    vs, vt = _vocab_size(student_config), _vocab_size(teacher_config)
+    if vs is not None and vt is not None and vs != vt:
+        raise IncompatibleModelsError(
+            f"vocabulary sizes differ: student {vs}, teacher {vt}; the student must use the teacher's "
+            "vocabulary (build it from the teacher, or resize its embeddings to the teacher's tokenizer)."
+        )
+
+
+def check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
+    """Teacher and student tokenizers map the same tokens to the same ids (not only as many of them)."""
+    vs, vt = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if vs == vt:
+        return
+    moved = sorted(t for t in set(vs) & set(vt) if vs[t] != vt[t])
+    only_t, only_s = sorted(set(vt) - set(vs)), sorted(set(vs) - set(vt))
+    example = (f"{moved[0]!r} is id {vt[moved[0]]} for the teacher, {vs[moved[0]]} for the student" if moved else
+               f"{(only_t or only_s)[0]!r} is only in the {'teacher' if only_t else 'student'}'s")
+    raise IncompatibleModelsError(
+        f"the student's tokenizer differs from the teacher's ({len(moved)} tokens with other ids, {len(only_t)} only "
+        f"in the teacher's, {len(only_s)} only in the student's; e.g. {example}): distillation compares the two "
+        "models token by token, so they need one tokenizer. Save the teacher's tokenizer with the student."
+    )
+
+
 def check_compatible(student: nn.Module, teacher: nn.Module, need_hidden: bool = False, projection: bool = False) -> None:
-    """Raise IncompatibleModelsError on a vocabulary mismatch, or unequal hidden sizes for `cos`."""
+    """Raise IncompatibleModelsError on another kind of LM, a vocabulary mismatch, or unequal hidden sizes
+    for `cos`."""
+    if _kind(student) != _kind(teacher):
+        raise IncompatibleModelsError(
+            f"the teacher is a {_kind(teacher)} LM ({type(teacher).__name__}) but the student a {_kind(student)} LM "
+            f"({type(student).__name__}); distillation needs one kind: both causal or both masked"
+        )
     vs = student.get_output_embeddings().weight.shape[0] if student.get_output_embeddings() is not None else None
     vt = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None else None
     if vs is None or vt is None:

@@ -1,14 +1,22 @@
-"""`DistillTrainer`: a Hugging Face `Trainer` whose loss is the weighted sum of the distillation objectives.
+"""`DistillTrainer`: the one `transformers.Trainer` every method trains on; a method is a `Method`.
 
-The Trainer supplies gradient accumulation, AdamW with the linear warmup/decay schedule, gradient
-clipping, DDP under torchrun, checkpoints with exact resume, the progress bar and TensorBoard.
-This class only turns each batch into losses (batching.prepare + step.distill_losses), logs each
-component, writes a CSV log, and stops on a NaN/inf loss before it reaches the weights.
+The Trainer supplies device placement, gradient accumulation, AdamW with its schedule
+(`get_scheduler`), gradient clipping, DDP under torchrun, bf16/fp16, checkpoints with exact resume,
+periodic evaluation, the progress bar and TensorBoard. A `Method` supplies only what differs:
+its frozen models (the teacher, TED's teacher filters: on the student's device, in eval mode,
+without gradients, optionally in `teacher_dtype`), the modules it trains beside the model (a cosine
+projection, TED's student filters: optimised, clipped, synchronised across processes, checkpointed)
+and `losses(model, inputs, step)` — a dict of 0-d tensors with the weighted sum under "loss".
+
+Device discipline: losses are accumulated on the device; the one host read per optimizer step is
+the non-finite check (which replaces the Trainer's own `logging_nan_inf_filter` check), plus the
+reads at logging steps.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -17,76 +25,171 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .batching import BatchRecipe, prepare
 from .errors import NonFiniteLossError
-from .step import Objectives, distill_losses
 
-PROJECTION_FILE = "cos_projection.pt"
+METHOD_FILE = "method_modules.pt"
+#: The masking / span stream of evaluation (training uses the optimizer step).
+EVAL_STEP = -1
+
+
+class Method(nn.Module):
+    """What one training method adds to the Trainer; subclasses set up their modules in __init__."""
+
+    def frozen(self) -> list[nn.Module]:
+        """Modules that only run forward (teachers, TED's teacher filters)."""
+        return []
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """Modules trained beside the Trainer's model (name -> module); saved in every checkpoint."""
+        return {}
+
+    def losses(self, model: nn.Module, inputs: dict, step: int) -> dict[str, torch.Tensor]:
+        """0-d loss tensors of one batch; "loss" is the weighted sum that is optimised."""
+        raise NotImplementedError
 
 
 class DistillTrainer(Trainer):
-    """Trainer(model=student, ...) plus the frozen teacher and the objectives."""
+    """Trainer(model=student, args, train_dataset, data_collator, ..., method=Method)."""
 
-    def __init__(self, *args, teacher: nn.Module | None, objectives: Objectives, recipe: BatchRecipe,
-                 projection: nn.Module | None = None, **kwargs):
+    def __init__(self, *args, method: Method, teacher_dtype: torch.dtype | None = None, warmup_ratio: float = 0.0,
+                 **kwargs):
+        kwargs.setdefault("callbacks", [])
+        kwargs["callbacks"] = [*kwargs["callbacks"], _FiniteGuard(self)]
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False) if teacher is not None else None
-        self.objectives = objectives
-        self.recipe = recipe
-        self.projection = projection.to(self.args.device) if projection is not None else None
+        self.warmup_ratio = warmup_ratio
+        self.args.logging_nan_inf_filter = False  # one non-finite check per step: ours (it stops, not skips)
+        self.method = method.to(self.args.device)
+        for module in method.frozen():
+            module.eval().requires_grad_(False)
+            if teacher_dtype is not None:
+                module.to(teacher_dtype)
+        self.extra_params = [p for m in method.trainable().values() for p in m.parameters()]
         self.loss_is_scaled_for_ga = False  # our losses are means: let the Trainer divide by the accumulation
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._eval_sums: dict[str, torch.Tensor] = {}
+        self._eval_count = 0
+        self._finite: torch.Tensor | None = None
+        self._last: dict[str, torch.Tensor] = {}
+        self._extras_synced = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Linear warmup over ceil(warmup_ratio * steps) steps: computed here, as a step count, because
+        TrainingArguments' `warmup_steps` < 1 is a ratio in transformers 5.x but a step count (0) in 4.x."""
+        if self.lr_scheduler is None:
+            self.args.warmup_steps = math.ceil(self.warmup_ratio * num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        step = self.state.global_step if model.training else -1
-        prepared = prepare({k: v.cpu() for k, v in inputs.items()}, step, self.recipe)
-        device = inputs["input_ids"].device
-        batch = {k: v.to(device) for k, v in prepared.inputs.items()}
-        student = self.accelerator.unwrap_model(model)
-        losses = distill_losses(student, self.teacher, batch, prepared.labels.to(device), self.objectives,
-                                prepared.plan, prepared.pair, self.projection, student_call=model)
+        training = model.training
+        for m in self.method.trainable().values():
+            m.train(training)
+        losses = self.method.losses(model, inputs, self.state.global_step if training else EVAL_STEP)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step} ({shown}); training stopped before this "
-                f"update reached the weights. Last good checkpoint: {last or 'none saved yet'}. Lower the "
-                "learning rate or check the data, then resume from that checkpoint."
-            )
-        if model.training:
-            for k, v in losses.items():
-                self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
+        detached = {k: v.detach() for k, v in losses.items()}
+        sums = self._sums if training else self._eval_sums
+        for k, v in detached.items():
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        if training:
             self._count += 1
+            finite = torch.isfinite(loss.detach())
+            self._finite = finite if self._finite is None else self._finite & finite
+            self._last = detached
+        else:
+            self._eval_count += 1
         return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def check_finite(self) -> None:
+        """The step's one host read: stop before a non-finite loss's update reaches the weights."""
+        if self._finite is None:
+            return
+        finite, self._finite = self._finite, None
+        if bool(finite):
+            return
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in self._last.items())
+        out = self.args.output_dir
+        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.state.global_step} ({shown}); training stopped before this "
+            f"update reached the weights. Last good checkpoint: {last or 'none saved yet'}. Lower the "
+            "learning rate or check the data (a batch where no position is counted gives 0/0), then "
+            "resume from that checkpoint."
+        )
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._count:
-            logs.update({f"loss_{k}": round(v / self._count, 6) for k, v in self._sums.items() if k != "loss"})
+            logs.update({f"loss_{k}": round(float(v) / self._count, 6) for k, v in self._sums.items() if k != "loss"})
             self._sums, self._count = {}, 0
+        if "eval_loss" in logs and self._eval_count:
+            logs.update({f"eval_loss_{k}": round(float(v) / self._eval_count, 6)
+                         for k, v in self._eval_sums.items() if k != "loss"})
+            self._eval_sums, self._eval_count = {}, 0
         super().log(logs, start_time)
 
-    # -- the optional cosine projection lives outside the student ---------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.projection is not None and not getattr(self, "_projection_added", False):
-            optimizer.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
-            self._projection_added = True
+    # -- the method's own trained modules ----------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):  # 5.x before 5.N: no `model` argument
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.extra_params and not getattr(self, "_extras_added", False):
+            optimizer.add_param_group({"params": self.extra_params, "weight_decay": 0.0})
+            self._extras_added = True
         return optimizer
+
+    def sync_extra_grads(self) -> None:
+        """Average the extra modules' gradients across processes (DDP covers only the model's)."""
+        if self._extras_synced or not self.extra_params:
+            return
+        self._extras_synced = True
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for p in self.extra_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    def _clip_grad_norm(self, model):
+        self.sync_extra_grads()
+        if not self.extra_params:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *self.extra_params], self.args.max_grad_norm)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.projection is not None and self.args.should_save:
+        if self.method.trainable() and self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            torch.save(self.projection.state_dict(), folder / PROJECTION_FILE)
+            torch.save({k: m.state_dict() for k, m in self.method.trainable().items()}, folder / METHOD_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / PROJECTION_FILE
-        if self.projection is not None and path.is_file():
-            self.projection.load_state_dict(torch.load(path, map_location=self.args.device))
+        path = Path(resume_from_checkpoint) / METHOD_FILE
+        if self.method.trainable() and path.is_file():
+            saved = torch.load(path, map_location=self.args.device, weights_only=True)
+            for k, m in self.method.trainable().items():
+                m.load_state_dict(saved[k])
+
+
+class _FiniteGuard(TrainerCallback):
+    """Runs the trainer's one check per optimizer step, after accumulation and before the update; clears
+    the extra modules' gradients after it (the Trainer zeroes only its model's)."""
+
+    def __init__(self, trainer: DistillTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.sync_extra_grads()
+        self.trainer._extras_synced = False
+        self.trainer.check_finite()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.extra_params:
+            p.grad = None
 
 
 class CSVLogCallback(TrainerCallback):

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .errors import DataError, DistillConfigError
+from ..errors import DataError, DistillConfigError
 
 
 def _check(teacher_logits, student_logits, targets, mask=None):
@@ -81,8 +81,7 @@ class ATKDConfig:
     hard_fraction: float = 0.5
     temperature: float = 1.0
     reverse: bool = False
-    split: Split = "batch"  # where the uncertainty median is taken: per batch, per sequence, or global
-    global_momentum: float = 0.99  # for split="global": a running estimate of the threshold
+    split: Split = "batch"  # where the hard/easy cut is taken: per batch, per sequence, or a given threshold
 
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:
@@ -120,12 +119,17 @@ def hard_mask(unc: torch.Tensor, valid: torch.Tensor, fraction: float, split: Sp
 
 
 def atkd_loss(teacher_logits, student_logits, targets, mask, config: ATKDConfig = ATKDConfig(), *,
-              threshold: float | None = None):
-    """The ATKD objective over the valid (mask == 1) tokens; returns (loss, stats dict)."""
-    _check(teacher_logits, student_logits, targets, mask)
+              threshold: float | None = None, check: bool = True):
+    """The ATKD objective over the valid (mask == 1) tokens; returns (loss, stats dict of 0-d tensors).
+
+    `check` validates targets and the mask (reads them back from the device); training passes False:
+    its targets are token ids of the tokenizer, and an empty mask gives NaN, caught by the trainer.
+    """
     valid = mask.bool()
-    if not bool(valid.any()):
-        raise DataError("ATKD got a batch with no valid tokens (all padding / ignored labels)")
+    if check:
+        _check(teacher_logits, student_logits, targets, mask)
+        if not bool(valid.any()):
+            raise DataError("ATKD got a batch with no valid tokens (all padding / ignored labels)")
     tkd, dkd, _ = kd_decomposition(teacher_logits, student_logits, targets,
                                    reverse=config.reverse, temperature=config.temperature)
     unc = teacher_uncertainty(teacher_logits.detach(), targets, config.temperature)
@@ -136,7 +140,7 @@ def atkd_loss(teacher_logits, student_logits, targets, mask, config: ATKDConfig 
         return (x * m).sum() / m.sum().clamp(min=1)
 
     loss = config.lam * mean(dkd, easy) + (1.0 - config.lam) * mean(tkd + dkd, hard)
-    stats = {"atkd_hard_share": float(hard.sum() / valid.sum()), "teacher_unc": float(mean(unc, valid))}
+    stats = {"atkd_hard_share": (hard.sum() / valid.sum()).detach(), "teacher_unc": mean(unc, valid).detach()}
     return loss, stats
 
 
@@ -163,7 +167,7 @@ def unsupported_kd(name: str):
 
 
 def atkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                   causal: bool, config: ATKDConfig = ATKDConfig()):
+                   causal: bool, config: ATKDConfig = ATKDConfig(), check: bool = True):
     """ATKD on a training batch's logits and LM labels (-100 = no target); returns (loss, stats).
 
     Causal LMs: position t is scored against label t+1 (the next token), like the CLM loss.
@@ -171,4 +175,4 @@ def atkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     """
     if causal:
         student_logits, teacher_logits, labels = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
-    return atkd_loss(teacher_logits, student_logits, labels, labels != -100, config)
+    return atkd_loss(teacher_logits, student_logits, labels, labels != -100, config, check=check)

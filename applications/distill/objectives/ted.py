@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, DistillConfigError
+from ..errors import DataError, DistillConfigError
+from .kd import clm_loss, kd_loss
 
 Task = Literal["classification", "lm"]
 
@@ -51,8 +52,6 @@ class TEDConfig:
     """TED knobs; `mode` picks TED, plain KD (no filters) or LWD (raw states, learned projection)."""
 
     mode: Literal["ted", "kd", "lwd"] = "ted"
-    filter: Literal["linear", "mlp"] = "linear"
-    filter_width: int | None = None  # default: the teacher's hidden size
     teacher_interval: int = 2
     student_interval: int = 1
     alpha_task: float = 1.0
@@ -88,13 +87,17 @@ class TaskHead(nn.Module):
 
 
 class TEDFilters(nn.Module):
-    """One filter (and one task head) per filtered layer of one model."""
+    """One filter (and, for stage 1, one task head) per filtered layer of one model.
 
-    def __init__(self, layers: list[int], d_model: int, width: int, kind: str, task: Task, num_outputs: int):
+    Without `task` there are no heads: LWD's projections are filters that never learn a task.
+    """
+
+    def __init__(self, layers: list[int], d_model: int, width: int, kind: str, task: Task | None = None,
+                 num_outputs: int | None = None):
         super().__init__()
         self.layers = list(layers)
         self.filters = nn.ModuleList(make_filter(kind, d_model, width) for _ in layers)
-        self.heads = nn.ModuleList(TaskHead(task, width, num_outputs) for _ in layers)
+        self.heads = nn.ModuleList(TaskHead(task, width, num_outputs) for _ in layers) if task else nn.ModuleList()
 
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """Filtered states, one per filtered layer; `hidden` holds those layers' outputs in order."""
@@ -104,47 +107,47 @@ class TEDFilters(nn.Module):
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+    """Classification: cross-entropy on the class ids; LM: next-token cross-entropy (objectives.clm_loss)."""
     if task == "classification":
         return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return clm_loss(logits, labels)
 
 
-def stage1_loss(filters: TEDFilters, hidden: list[torch.Tensor], labels: torch.Tensor, task: Task) -> torch.Tensor:
-    """Task loss averaged over filters (each filter with its own head)."""
-    filtered = filters(hidden)
+def stage1_loss(filters: TEDFilters, hidden: list[torch.Tensor], labels: torch.Tensor, task: Task,
+                call=None) -> torch.Tensor:
+    """Task loss averaged over filters (each filter with its own head); `call` runs the filters (a DDP wrapper)."""
+    filtered = (call or filters)(hidden)
     losses = [task_loss(head(h), labels, task) for head, h in zip(filters.heads, filtered)]
     return torch.stack(losses).mean()
 
 
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over non-padding tokens ([batch, seq, d]; mask [batch, seq])."""
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, check: bool = True) -> torch.Tensor:
+    """Mean squared error over non-padding tokens ([batch, seq, d]; mask [batch, seq]).
+
+    `check` refuses an all-padding mask (a host read); training passes False (NaN is caught there).
+    """
     err = (a - b).pow(2).mean(-1)
     if mask is None:
         return err.mean()
     m = mask.to(err.dtype)
-    if float(m.sum()) == 0:
+    if check and float(m.sum()) == 0:
         raise DataError("MSE over a batch with no non-padding tokens")
     return (err * m).sum() / m.sum()
 
 
 def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) at temperature T, averaged over examples (or unmasked tokens)."""
-    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    s = torch.log_softmax(student_logits.float() / temperature, -1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    if mask is not None and kl.dim() == mask.dim():
-        kl = (kl * mask).sum() / mask.sum().clamp(min=1)
-    else:
-        kl = kl.mean()
-    return kl * temperature**2
+    """T² · KL(teacher ‖ student) at temperature T, averaged over examples (or unmasked tokens): objectives.kd_loss."""
+    if mask is None or mask.dim() != student_logits.dim() - 1:
+        mask = torch.ones(student_logits.shape[:-1], device=student_logits.device)
+    return kd_loss(student_logits, teacher_logits, mask, temperature)
 
 
 def stage2_loss(config: TEDConfig, *, student_logits, teacher_logits, labels, task: Task,
                 student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
                 mask: torch.Tensor | None, student_filters: nn.Module | None = None,
-                teacher_filters: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
-    """The stage-2 objective for TED / KD / LWD; returns (loss, parts)."""
+                teacher_filters: nn.Module | None = None, check: bool = True) -> tuple[torch.Tensor, dict]:
+    """The stage-2 objective for TED / KD / LWD; returns (loss, parts as detached 0-d tensors)."""
     parts = {
         "task": task_loss(student_logits, labels, task),
         "kl": kd_kl(teacher_logits.detach(), student_logits, config.temperature,
@@ -164,8 +167,8 @@ def stage2_loss(config: TEDConfig, *, student_logits, teacher_logits, labels, ta
         else:  # lwd: raw teacher states, the student's projected to the teacher's width
             target = [t.detach() for t in teacher_states]
         mine = student_filters(student_states)
-        parts["mse"] = torch.stack([masked_mse(a, b, mask) for a, b in zip(mine, target)]).mean()
+        parts["mse"] = torch.stack([masked_mse(a, b, mask, check) for a, b in zip(mine, target)]).mean()
     loss = config.alpha_task * parts["task"] + config.alpha_kl * parts["kl"]
     if "mse" in parts:
         loss = loss + config.alpha_mse * parts["mse"]
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return loss, {k: v.detach() for k, v in parts.items()}

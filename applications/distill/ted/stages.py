@@ -1,30 +1,35 @@
-"""TED's two stages on Hugging Face models: task data, block outputs, the training loops, filter files.
+"""TED's two stages on Hugging Face models: task data, block outputs, the methods, filter files.
 
-Stage 1 (`stage1`): the model frozen; its filters and their task heads learn the task. Stage 2
-(`stage2`): the teacher and its filters frozen; the student and its filters learn
-L_task + α_KL·T²·KL + α_MSE·MSE (ted.stage2_loss); `mode='kd'` / `'lwd'` are the baselines on the same
-loop. Block outputs come from the core's `record_blocks` (raw ``layers.{i}.output``, gradients kept).
+Every stage is a `trainer.Method` on the one `DistillTrainer` (device placement, DDP, bf16/fp16,
+accumulation, resume, periodic evaluation, logs): `finetune` (TaskTraining: the whole model on the
+task), `stage1` (FilterTraining: the model frozen; its filters and their task heads learn the task),
+`stage2` (TEDDistillation: the teacher and its filters frozen; the student and its filters learn
+L_task + α_KL·T²·KL + α_MSE·MSE, ted.stage2_loss; `mode='kd'` / `'lwd'` are the baselines).
+Block outputs come from the core's `record_blocks` (raw ``layers.{i}.output``, gradients kept).
 Filters live apart from the model: the exported student is the plain HF model (`export`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers as tf
 from torch import nn
+from torch.utils.data import Dataset
 
 from interventions import SiteGraph, record_blocks
 
-from .data import read_texts
-from .errors import DataError, DistillConfigError, IncompatibleModelsError
-from .models import is_causal_lm
-from .sst import read_labelled
-from .ted import (
+from ..data import Collator, read_texts
+from ..errors import DataError, DistillConfigError, IncompatibleModelsError
+from ..methods import unwrap
+from ..models import ensure_pad, is_causal_lm
+from ..objectives import nll_sum
+from ..objectives.ted import (
     Task,
     TEDConfig,
     TEDFilters,
@@ -34,13 +39,20 @@ from .ted import (
     stage2_loss,
     task_loss,
 )
+from ..plot import plot_losses
+from ..sst import read_labelled
+from ..trainer import CSVLogCallback, DistillTrainer, Method
 
 TASKS = ("classification", "lm")
 
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """Optimisation of one stage (AdamW, linear warmup then decay, gradient clipping)."""
+    """Optimisation of one stage (AdamW, linear warmup then decay, gradient clipping) and the Trainer's run.
+
+    `output_dir` holds checkpoints, log.csv, TensorBoard and the loss curve (None: a temporary
+    directory, nothing kept); `resume` a checkpoint directory of that run to continue.
+    """
 
     steps: int = 200
     batch_size: int = 32
@@ -50,9 +62,20 @@ class LoopOptions:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    logging_steps: int = 1
+    save_steps: int | None = None  # None: no intermediate checkpoints
+    eval_steps: int | None = None  # with eval data: evaluate the stage's losses every N steps
+    output_dir: str | None = None
+    resume: str | None = None
+    bf16: bool = False
+    fp16: bool = False
+    teacher_dtype: str | None = None
+    progress: bool = False
+    plot: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "max_length"):
+        for name in ("steps", "batch_size", "max_length", "grad_accum", "logging_steps"):
             if int(getattr(self, name)) < 1:
                 raise DistillConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -111,7 +134,7 @@ def check_classifier(model: nn.Module, task: Task) -> None:
 
 # -- data ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TaskData:
+class TaskData(Dataset):
     """Tokenized examples (lists of ids) and their labels (class ids; None for language modelling)."""
 
     ids: list
@@ -122,20 +145,15 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, rows) -> tuple[dict, torch.Tensor]:
-        """Right-padded inputs and labels (LM: the input ids, -100 on padding) of the given rows."""
-        rows = [int(r) for r in rows]
-        width = max(len(self.ids[r]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(self.ids[r])] = torch.tensor(self.ids[r])
-            mask[i, : len(self.ids[r])] = 1
-        if self.task == "classification":
-            labels = torch.tensor([self.labels[r] for r in rows])
-        else:
-            labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask}, labels
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.ids[i], "idx": i}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+    def collator(self) -> Collator:
+        """The one collator: right padding; LM labels are the input ids with -100 on padding."""
+        return Collator(self.pad_id, lm_labels=self.task == "lm")
 
 
 def task_data(path: str, tokenizer, task: Task, max_length: int, num_labels: int | None = None,
@@ -147,28 +165,23 @@ def task_data(path: str, tokenizer, task: Task, max_length: int, num_labels: int
         texts, labels = read_texts(path), None
     if limit is not None:
         texts, labels = texts[:limit], (labels[:limit] if labels is not None else None)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise DistillConfigError("the tokenizer has neither a pad nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad(tokenizer)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    extra = tokenizer.num_special_tokens_to_add()
+    truncated = sum(len(x) + extra > max_length for x in tokenizer(texts, add_special_tokens=False,
+                                                                    verbose=False)["input_ids"])
     min_len = 2 if task == "lm" else 1
     keep = [i for i, x in enumerate(ids) if len(x) >= min_len]
     if not keep:
         raise DataError(f"{path}: no example has {min_len} or more tokens after tokenizing")
+    if truncated or len(keep) < len(ids):
+        import logging
+
+        logging.getLogger("applications.distill").warning(
+            f"{path}: {len(keep)} examples; {len(ids) - len(keep)} dropped as shorter than {min_len} tokens; "
+            f"{truncated} truncated to {max_length} tokens")
     return TaskData([ids[i] for i in keep], [labels[i] for i in keep] if labels is not None else None,
                     tokenizer.pad_token_id, task)
-
-
-def batches(data: TaskData, options: LoopOptions):
-    """`options.steps` batches of seeded random rows (reshuffled every epoch)."""
-    g = torch.Generator().manual_seed(options.seed)
-    order: list[int] = []
-    for _ in range(options.steps):
-        if len(order) < options.batch_size:
-            order += torch.randperm(len(data), generator=g).tolist()
-        rows, order = order[: options.batch_size], order[options.batch_size:]
-        yield data.batch(rows)
 
 
 # -- forward passes ----------------------------------------------------------------------------------
@@ -179,40 +192,126 @@ def forward_states(model: nn.Module, inputs: dict, layers: list[int]) -> tuple[t
     return logits, [rec.value(i) for i in layers]
 
 
-def _optimiser(params, options: LoopOptions):
-    opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-    warm = max(1, math.ceil(options.warmup_ratio * options.steps))
-    total = options.steps
-
-    def factor(step):
-        return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def _model_inputs(inputs: dict) -> dict:
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
 
 
-def _update(loss, params, opt, sched, options: LoopOptions):
-    if not torch.isfinite(loss):
-        raise DistillConfigError(f"non-finite loss {float(loss)}: lower the learning rate or check the data")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-    opt.step()
-    sched.step()
+# -- the methods -----------------------------------------------------------------------------------
+class TaskTraining(Method):
+    """Plain task training of the Trainer's model: cross-entropy on the labels (next token for LMs)."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+
+    def losses(self, model, inputs, step):
+        return {"loss": task_loss(model(**_model_inputs(inputs)).logits, inputs["labels"], self.task)}
 
 
-def finetune(model: nn.Module, data: TaskData, options: LoopOptions) -> list[float]:
+class FilterTraining(Method):
+    """Stage 1: the Trainer's model is the filters (with their heads); `lm` is frozen and only read."""
+
+    def __init__(self, lm: nn.Module, layers: list[int], task: Task):
+        super().__init__()
+        self.lm, self.layers, self.task = lm, list(layers), task
+
+    def frozen(self):
+        return [self.lm]
+
+    def losses(self, model, inputs, step):
+        with torch.no_grad():
+            _, states = forward_states(self.lm, _model_inputs(inputs), self.layers)
+        states = [h.float() if h.dtype in (torch.float16, torch.bfloat16) else h for h in states]
+        return {"loss": stage1_loss(unwrap(model), states, inputs["labels"], self.task, call=model)}
+
+
+class TEDDistillation(Method):
+    """Stage 2 (TED, KD or LWD): the frozen teacher (and its filters); the student's filters train beside it."""
+
+    def __init__(self, config: TEDConfig, teacher: nn.Module, task: Task, t_layers, s_layers,
+                 teacher_filters: TEDFilters | None, student_filters: TEDFilters | None):
+        super().__init__()
+        self.config, self.task = config, task
+        self.teacher, self.teacher_filters, self.student_filters = teacher, teacher_filters, student_filters
+        self.t_layers, self.s_layers = list(t_layers), list(s_layers)
+
+    def frozen(self):
+        return [m for m in (self.teacher, self.teacher_filters) if m is not None]
+
+    def trainable(self):
+        # the heads take no part in stage 2: only the filters train
+        return {"student_filters": self.student_filters.filters} if self.student_filters is not None else {}
+
+    def losses(self, model, inputs, step):
+        x = _model_inputs(inputs)
+        with torch.no_grad():
+            t_logits, t_states = forward_states(self.teacher, x, self.t_layers)
+        with record_blocks(unwrap(model), layers=self.s_layers) as rec:
+            s_logits = model(**x).logits
+        s_states = [rec.value(i) for i in self.s_layers]
+        loss, parts = stage2_loss(self.config, student_logits=s_logits, teacher_logits=t_logits,
+                                  labels=inputs["labels"], task=self.task, student_states=s_states,
+                                  teacher_states=t_states, mask=x["attention_mask"],
+                                  student_filters=self.student_filters, teacher_filters=self.teacher_filters,
+                                  check=False)
+        return {"loss": loss, **parts}
+
+
+def training_arguments(options: LoopOptions, output_dir: str, evaluate: bool = False) -> tf.TrainingArguments:
+    """The stage's TrainingArguments: AdamW, linear decay (transformers.get_scheduler; the warmup, as a step
+    count, is set by DistillTrainer from `warmup_ratio`)."""
+    cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    evaluate_every = {"eval_strategy": "steps", "eval_steps": options.eval_steps,
+                      "per_device_eval_batch_size": options.batch_size} if options.eval_steps and evaluate else {}
+    return tf.TrainingArguments(
+        output_dir=output_dir, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay, lr_scheduler_type="linear",
+        max_grad_norm=options.max_grad_norm, logging_steps=options.logging_steps,
+        save_strategy="steps" if options.save_steps else "no", save_steps=options.save_steps or 500,
+        report_to=["tensorboard"] if options.output_dir else [], seed=options.seed, data_seed=options.seed,
+        remove_unused_columns=False, disable_tqdm=not options.progress, use_cpu=cpu,
+        ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, bf16=bool(options.bf16 or (options.fp16 and cpu)),
+        fp16=bool(options.fp16 and not cpu), logging_nan_inf_filter=False, prediction_loss_only=True,
+        **evaluate_every)
+
+
+def run_method(model: nn.Module, method: Method, data: TaskData, options: LoopOptions,
+               eval_data: TaskData | None = None, callbacks=()) -> list[dict]:
+    """Train `model` (in place) with `method` on the one trainer; returns the logged steps.
+
+    Each log entry: {"loss", and each component without its "loss_" prefix}.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..run import teacher_dtype
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(options.output_dir) if options.output_dir else Path(tmp)
+        logs = [CSVLogCallback(out / "log.csv")] if options.output_dir else []
+        trainer = DistillTrainer(model=model, args=training_arguments(options, str(out), eval_data is not None),
+                                 train_dataset=data, eval_dataset=eval_data if options.eval_steps else None,
+                                 data_collator=data.collator(), method=method,
+                                 teacher_dtype=teacher_dtype(options.teacher_dtype), warmup_ratio=options.warmup_ratio,
+                                 callbacks=[*logs, *callbacks])
+        if not options.progress:
+            trainer.remove_callback(PrinterCallback)
+        trainer.train(resume_from_checkpoint=options.resume)
+        if options.output_dir and options.plot and (out / "log.csv").is_file() and trainer.is_world_process_zero():
+            plot_losses({"train": out / "log.csv"}, out / "loss_curve.png")
+    return [{"loss": e["loss"], **{k[len("loss_"):]: v for k, v in e.items() if k.startswith("loss_")}}
+            for e in trainer.state.log_history if "loss" in e]
+
+
+def finetune(model: nn.Module, data: TaskData, options: LoopOptions, eval_data: TaskData | None = None) -> list[float]:
     """Plain task training of the whole model (e.g. a teacher before distillation); returns the losses."""
     task = task_of(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _optimiser(params, options)
-    model.train()
-    losses = []
-    for inputs, labels in batches(data, options):
-        loss = task_loss(model(**inputs).logits, labels, task)
-        _update(loss, params, opt, sched, options)
-        losses.append(float(loss.detach()))
+    model.train().requires_grad_(True)
+    log = run_method(model, TaskTraining(task), data, options, eval_data)
     model.eval()
-    return losses
+    return [e["loss"] for e in log]
 
 
 # -- stage 1 --------------------------------------------------------------------------------------
@@ -225,18 +324,8 @@ def stage1(model: nn.Module, data: TaskData, *, interval: int, width: int | None
     d = hidden_size(model)
     torch.manual_seed(options.seed)
     filters = TEDFilters(layers, d, width or d, kind, task, num_outputs(model, task))
-    model.eval().requires_grad_(False)
-    params = list(filters.parameters())
-    opt, sched = _optimiser(params, options)
-    filters.train()
-    losses = []
-    for inputs, labels in batches(data, options):
-        with torch.no_grad():
-            _, states = forward_states(model, inputs, layers)
-        loss = stage1_loss(filters, states, labels, task)
-        _update(loss, params, opt, sched, options)
-        losses.append(float(loss.detach()))
-    return filters.eval(), losses
+    log = run_method(filters, FilterTraining(model, layers, task), data, options)
+    return filters.eval(), [e["loss"] for e in log]
 
 
 FILTER_FORMAT = "ted-filters-v1"
@@ -308,7 +397,8 @@ def _check_filters(filters: TEDFilters, model: nn.Module, who: str, task: Task) 
 
 def stage2(config: TEDConfig, teacher: nn.Module, student: nn.Module, data: TaskData,
            options: LoopOptions = LoopOptions(), teacher_filters: TEDFilters | None = None,
-           student_filters: TEDFilters | None = None) -> tuple[TEDFilters | None, list[dict]]:
+           student_filters: TEDFilters | None = None, eval_data: TaskData | None = None,
+           callbacks=()) -> tuple[TEDFilters | None, list[dict]]:
     """Train `student` (in place) against the frozen `teacher`; returns the student's filters and a log."""
     task = task_of(teacher)
     _check_pair(teacher, student, task)
@@ -335,34 +425,18 @@ def stage2(config: TEDConfig, teacher: nn.Module, student: nn.Module, data: Task
         pairs = pair_layers(num_layers(teacher), config.teacher_interval, num_layers(student), config.student_interval)
         t_layers, s_layers = [t for t, _ in pairs], [s for _, s in pairs]
         torch.manual_seed(options.seed)
-        student_filters = TEDFilters(s_layers, hidden_size(student), hidden_size(teacher), "linear", task,
-                                     num_outputs(student, task))
+        student_filters = TEDFilters(s_layers, hidden_size(student), hidden_size(teacher), "linear")  # no heads
         teacher_filters = None
     elif config.mode == "kd":
         t_layers = s_layers = []
         student_filters = teacher_filters = None
     else:
         raise DistillConfigError(f"mode must be 'ted', 'kd' or 'lwd', got {config.mode!r}")
-    teacher.eval().requires_grad_(False)
-    if teacher_filters is not None:
-        teacher_filters.eval().requires_grad_(False)
+    method = TEDDistillation(config, teacher, task, t_layers, s_layers, teacher_filters, student_filters)
     student.train().requires_grad_(True)
-    params = list(student.parameters())
     if student_filters is not None:
-        student_filters.train().requires_grad_(True)
-        params += list(student_filters.filters.parameters())  # the heads take no part in stage 2
-    opt, sched = _optimiser(params, options)
-    log = []
-    for inputs, labels in batches(data, options):
-        with torch.no_grad():
-            t_logits, t_states = forward_states(teacher, inputs, t_layers)
-        s_logits, s_states = forward_states(student, inputs, s_layers)
-        loss, parts = stage2_loss(config, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
-                                  task=task, student_states=s_states, teacher_states=t_states,
-                                  mask=inputs["attention_mask"], student_filters=student_filters,
-                                  teacher_filters=teacher_filters)
-        _update(loss, params, opt, sched, options)
-        log.append({"loss": float(loss.detach()), **parts})
+        student_filters.filters.requires_grad_(True)
+    log = run_method(student, method, data, options, eval_data, callbacks)
     student.eval()
     return (student_filters.eval() if student_filters is not None else None), log
 
@@ -370,29 +444,36 @@ def stage2(config: TEDConfig, teacher: nn.Module, student: nn.Module, data: Task
 # -- evaluation and export ------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, batch_size: int = 64) -> dict:
-    """Accuracy (classification) or perplexity (language modelling) on `data`."""
+    """Accuracy (classification) or perplexity (language modelling) on `data`, on the model's device."""
     task = task_of(model)
     model.eval()
-    right = total = 0
-    nll = 0.0
+    device = next(model.parameters()).device
+    collate = data.collator()
+    right = torch.zeros((), dtype=torch.long, device=device)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(data), batch_size):
-        inputs, labels = data.batch(range(start, min(start + batch_size, len(data))))
-        logits = model(**inputs).logits
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        labels = batch["labels"].to(device)
+        logits = model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask")}).logits
         if task == "classification":
-            right += int((logits.argmax(-1) == labels).sum())
+            right += (logits.argmax(-1) == labels).sum()
             total += len(labels)
         else:
-            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                         ignore_index=-100, reduction="sum"))
-            total += int((labels[:, 1:] != -100).sum())
+            part, n = nll_sum(logits, labels, causal=True)
+            nll, total = nll + part.double(), total + n
+    total = max(int(total), 1)  # the host reads, once at the end
     if task == "classification":
-        return {"accuracy": right / max(total, 1), "examples": total}
-    return {"perplexity": math.exp(nll / max(total, 1)), "tokens": total}
+        return {"accuracy": int(right) / total, "examples": total}
+    return {"perplexity": math.exp(float(nll) / total), "tokens": total}
 
 
 def export(student: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """The student alone (save_pretrained); TED filters and heads are not part of it."""
+    from ..models import enable_cache
+
     out = Path(out_dir)
+    enable_cache(student)
     student.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

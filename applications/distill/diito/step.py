@@ -19,9 +19,9 @@ from torch import nn
 
 from interventions import Alignment, AlignmentError, alignments, record_blocks, replay_blocks, set_value
 
-from . import objectives as obj
-from .atkd import ATKDConfig, atkd_objective
-from .errors import DistillConfigError
+from ..errors import DistillConfigError
+from ..objectives import kd as obj
+from ..objectives.atkd import ATKDConfig, atkd_objective
 from .pairing import InterchangePlan
 
 _LAYER = re.compile(r"layers\.(\d+)\.output")
@@ -137,10 +137,14 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
         if name in w:
             cfg = ATKDConfig(lam=objectives.atkd_lambda, hard_fraction=objectives.atkd_hard_fraction,
                              reverse=name == "atkd_reverse")
-            losses[name] = atkd_objective(s_logits, t_logits, labels, causal=objectives.causal, config=cfg)[0]
+            losses[name] = atkd_objective(s_logits, t_logits, labels, causal=objectives.causal, config=cfg,
+                                          check=False)[0]
     if "cos" in w:
         losses["cos"] = obj.cosine_loss(project(s_rec.value(s_rec.num_layers - 1)),
                                         t_rec.value(t_rec.num_layers - 1), mask)
+    # The losses keep what their backward needs; the [batch, seq, vocab] logits themselves can go now,
+    # before the counterfactual pass makes two more of them.
+    del s_logits, t_logits
     if objectives.counterfactual:
         if plan is None or pair is None:
             raise DistillConfigError("diito objectives need an interchange plan and an aligned (student, teacher) pair")
@@ -151,6 +155,7 @@ def distill_losses(student: nn.Module, teacher: nn.Module | None, inputs: Mappin
         s_out, s_last = counterfactual(student, inputs, s_rec, (s_layer,), plan, keep_last=keep)
         if "diito" in w:
             losses["diito"] = obj.kd_loss(s_out.logits, t_out.logits, mask, objectives.temperature)
+        del s_out, t_out
         if keep:
             losses["diito_cos"] = obj.cosine_loss(project(s_last), t_last, mask)
     losses["loss"] = sum(w[k] * losses[k] for k in w)
