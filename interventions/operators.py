@@ -122,10 +122,16 @@ class Rotation(Saveable, nn.Module):
 
 
 def _subspace_slice(subspace, size: int) -> slice:
-    if isinstance(subspace, int):
+    """`subspace` (a size k, or a slice) as a slice of 0..size; out of range is an error, never clamped."""
+    if isinstance(subspace, int) and not isinstance(subspace, bool):
+        if not 1 <= subspace <= size:
+            raise InterventionError(f"subspace size must be in 1..{size} (the rotation's rank), got {subspace}")
         subspace = slice(0, subspace)
+    if not isinstance(subspace, slice):
+        raise InterventionError(f"subspace must be an int (its size) or a slice, got {subspace!r}")
     start, stop, step = subspace.indices(size)
-    if step != 1 or stop <= start:
+    out_of_range = any(v is not None and not -size <= v <= size for v in (subspace.start, subspace.stop))
+    if step != 1 or stop <= start or out_of_range:
         raise InterventionError(f"subspace must be a non-empty slice of 0..{size}, got {subspace}")
     return slice(start, stop)
 

@@ -185,3 +185,16 @@ def test_exception_inside_intervention_leaves_no_hooks(gpt2):
 def test_bad_site_construction(kwargs, match):
     with pytest.raises(iv.SelectorError, match=match):
         iv.Site(**kwargs)
+
+
+@pytest.mark.parametrize("subspace, match", [
+    (99, r"subspace size must be in 1\.\.16"),  # the bug: clamped silently to the whole space
+    (0, r"subspace size must be in 1\.\.16"),
+    (slice(4, 40), "non-empty slice of 0..16"),
+    (slice(8, 8), "non-empty slice of 0..16"),
+    ("4", "an int .* or a slice"),
+])
+def test_rotated_subspace_out_of_range_is_refused(subspace, match):
+    with pytest.raises(iv.InterventionError, match=match):
+        iv.RotatedSubspace(16, subspace)
+    assert iv.RotatedSubspace(16, slice(12, 16)).subspace == slice(12, 16)
