@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .data import Collator, TokenizedTexts, read_texts
@@ -189,7 +190,10 @@ def write_teacher_logits(teacher: str, train_file: str, top_k: int, output_dir: 
 
 
 class OfflineTeacherLogits(Dataset):
-    """The tokenized corpus with each example's stored teacher logits (row i of the corpus is row i of the shards)."""
+    """The tokenized corpus with each example's stored teacher logits (row i of the corpus is row i of the shards).
+
+    Shards are memory-mapped (`safe_open`): an item reads only its own rows, so the corpus' logits need
+    not fit in memory."""
 
     def __init__(self, data: TokenizedTexts, directory: str | Path, manifest: Manifest):
         if len(data) != manifest.num_examples:
@@ -200,20 +204,28 @@ class OfflineTeacherLogits(Dataset):
             path = Path(directory) / name
             if not path.is_file():
                 raise DataError(f"teacher-logits shard {path} is missing")
-            self.shards.append((first, count, load_file(str(path))))
+            with safe_open(str(path), "pt") as f:
+                offsets = f.get_tensor("offsets")
+            self.shards.append((first, count, path, offsets))
+        self._open: dict[Path, object] = {}
         for i in (0, len(data) - 1):  # the shards line up with the corpus (each example's token count)
             if self._row(i)["lse"].shape[0] != len(data.examples[i]):
                 raise DistillConfigError("the teacher logits do not line up with the tokenized corpus: write them again")
 
     def _row(self, i: int) -> dict:
-        for first, count, t in self.shards:
+        for first, count, path, offsets in self.shards:
             if first <= i < first + count:
-                a, b = int(t["offsets"][i - first]), int(t["offsets"][i - first + 1])
-                return {k: t[k][a:b] for k in ("values", "indices", "lse", "gold")}
+                if path not in self._open:  # opened on first use (in each dataloader worker)
+                    self._open[path] = safe_open(str(path), "pt")
+                f, a, b = self._open[path], int(offsets[i - first]), int(offsets[i - first + 1])
+                return {k: f.get_slice(k)[a:b] for k in ("values", "indices", "lse", "gold")}
         raise IndexError(i)
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def __getstate__(self):  # open shard handles do not pickle (dataloader workers open their own)
+        return {**self.__dict__, "_open": {}}
 
     def __getitem__(self, i: int) -> dict:
         return {**self.data[i], **{"teacher_" + k: v for k, v in self._row(i).items()}}
