@@ -37,7 +37,12 @@ from applications.distill.objectives.topk import topk_kd_loss
 from applications.distill.run import pretrain
 from applications.distill.student import build_student
 from applications.distill.teacher_logits import (
-    Manifest, OfflineCollator, OfflineTeacherLogits, teacher_rows, write_teacher_logits)
+    Manifest,
+    OfflineCollator,
+    OfflineTeacherLogits,
+    teacher_rows,
+    write_teacher_logits,
+)
 from benchmarks.distill_step import PeakMemory, in_use
 
 tf.logging.set_verbosity_error()
@@ -121,6 +126,20 @@ def approximation(root: Path, quick: bool) -> dict:
             "teacher_steps": steps, "kd": rows, "bytes_per_million_tokens": disk}
 
 
+def kd_step(student, teacher, opt, ids, mask, stored) -> None:
+    """One KD step (T = 2): against the live teacher, or against `stored` top-k logits when it is None."""
+    logits = student(input_ids=ids, attention_mask=mask).logits
+    if teacher is not None:
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=mask).logits
+        loss = kd_loss(logits, t, mask, 2.0)
+    else:
+        loss = topk_kd_loss(logits, stored["teacher_values"], stored["teacher_indices"], mask, 2.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def step_cost(quick: bool, steps: int) -> dict:
     vocab, layers, width, heads, batch, seq = (2000, 4, 64, 4, 4, 32) if quick else (50257, 12, 768, 12, 4, 128)
     torch.manual_seed(0)
@@ -136,28 +155,17 @@ def step_cost(quick: bool, steps: int) -> dict:
             teacher = None
             b = OfflineCollator(0)([{"input_ids": x, "idx": i, **{"teacher_" + k: v for k, v in r.items()}}
                                     for i, (x, r) in enumerate(zip(ids.tolist(), feats))])
+        else:
+            b = None
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-
-        def one_step():
-            logits = student(input_ids=ids, attention_mask=mask).logits
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher(input_ids=ids, attention_mask=mask).logits
-                loss = kd_loss(logits, t, mask, 2.0)
-            else:
-                loss = topk_kd_loss(logits, b["teacher_values"], b["teacher_indices"], mask, 2.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        one_step()  # optimizer state allocated
+        kd_step(student, teacher, opt, ids, mask, b)  # optimizer state allocated
         held = in_use()
         times, peaks = [], []
         for _ in range(steps):
             models = [m for m in (student, teacher) if m is not None]
             t0 = time.process_time()
             with PeakMemory(*models) as pm:
-                one_step()
+                kd_step(student, teacher, opt, ids, mask, b)
             times.append(time.process_time() - t0)
             peaks.append(pm.peak)
         results[mode] = {"s_per_step": round(statistics.median(times), 3), "peak_mb": round(max(peaks) / 2**20, 1),
