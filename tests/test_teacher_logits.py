@@ -1,13 +1,16 @@
 """Offline teacher logits: the shards against a plain teacher forward, KD / ATKD from top-k against the
 live-teacher losses (the existing objectives are the oracle), training trajectories, and every refusal."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from applications.distill import run as run_module
 from applications.distill.cli import main
@@ -182,12 +185,33 @@ def test_cli_trains_from_top8_logits_which_differ_from_the_live_teacher(setup, t
     assert live["global_step"] == 2
 
 
-def test_teacher_loads_once_to_initialise_and_never_with_a_student(setup, tmp_path, monkeypatch):
-    loads = []
+class _TeacherFreed(TrainerCallback):
+    """Records, when training begins, whether the loaded teacher has been freed."""
+
+    def __init__(self, refs):
+        self.refs, self.alive = refs, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        gc.collect()
+        self.alive = [r() is not None for r in self.refs]
+
+
+def test_teacher_loads_once_to_initialise_is_freed_before_training_and_never_loads_with_a_student(
+        setup, tmp_path, monkeypatch):
+    loads, refs = [], []
     real = run_module.load_lm
-    monkeypatch.setattr(run_module, "load_lm", lambda path: loads.append(path) or real(path))
-    train(_cfg(setup, tmp_path / "a", objectives="ce", max_steps=1, teacher_logits=str(setup / "logits8")))
-    assert loads == [str(setup / "teacher")]
+
+    def load(path):
+        loads.append(path)
+        model = real(path)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(run_module, "load_lm", load)
+    freed = _TeacherFreed(refs)
+    train(_cfg(setup, tmp_path / "a", objectives="ce", max_steps=1, teacher_logits=str(setup / "logits8")),
+          callbacks=[freed])
+    assert loads == [str(setup / "teacher")] and freed.alive == [False]
     student = _gpt2(1)
     student.save_pretrained(tmp_path / "student")
     loads.clear()

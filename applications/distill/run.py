@@ -175,6 +175,8 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         teacher = load_lm(cfg.teacher)
     student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
     if offline:  # the teacher only initialised the student: drop it before training
+        if teacher is not None:
+            tl.release(teacher)
         teacher = None
         return _train_offline(cfg, student, tokenizer, dataset, weights, n_teacher, eval_texts, callbacks, resume)
     if (num_layers(student), num_layers(teacher)) != (n_student, n_teacher):  # the configs' counts are the models'
