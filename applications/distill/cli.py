@@ -49,6 +49,8 @@ HELP = {
     "progress": "show a progress bar", "plot": "write loss_curve.png at the end",
     "bf16": "bf16 autocast (CPU or GPU)", "fp16": "fp16 autocast with loss scaling (GPU; bf16 autocast on a CPU)",
     "teacher_dtype": "the frozen teacher's dtype: float32, bfloat16 or float16 (default: as loaded)",
+    "teacher_logits": "train from the teacher logits the teacher-logits command wrote there (objectives ce, clm, "
+                      "atkd only; the teacher loads at most once, to initialise the student, or never with --student)",
     "eval_steps": "with --eval-file: also evaluate the training losses on it every N steps (logged as eval_loss*)",
 }
 
@@ -116,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads (default 1: robust on a busy machine; 0 = torch's default)")
     demo.add_argument("--config", help="YAML or JSON file of this command's options (flags override it)")
     add_ted_parser(sub)
+    tl = sub.add_parser("teacher-logits", help="store a causal teacher's top-k logits over a corpus, once",
+                        description="Run the teacher once over --train-file and write, per token, its top-k logits "
+                                    "and indices, the log-sum-exp and the next token's logit (safetensors shards "
+                                    "and a JSON manifest) for `train --teacher-logits DIR`.")
+    tl.add_argument("--config", help="YAML or JSON file of this command's options (flags override it)")
+    tl.add_argument("--teacher", required=True, help="causal LM teacher: a save_pretrained directory or a hub id")
+    tl.add_argument("--train-file", required=True, help=HELP["train_file"])
+    tl.add_argument("--top-k", type=positive_int, required=True, help="logits kept per token (<= vocabulary)")
+    tl.add_argument("--output-dir", required=True, help="where the shards and teacher_logits.json go")
+    tl.add_argument("--max-length", type=positive_int, default=128, help="tokens per example (default 128, as train)")
+    tl.add_argument("--batch-size", type=positive_int, default=16, help="examples per teacher forward (default 16)")
+    tl.add_argument("--shard-tokens", type=positive_int, default=1_000_000, help="tokens per shard (default 1e6)")
+    tl.add_argument("--text-column", default="text")
+    tl.add_argument("--overwrite-output-dir", action="store_true", help="replace earlier teacher logits there")
     return parser
 
 
@@ -237,6 +253,13 @@ def main(argv=None) -> int:
             print(json.dumps(result, default=str))
         elif args.command == "ted":
             print(json.dumps(run_ted(args), default=str))
+        elif args.command == "teacher-logits":
+            from .teacher_logits import write_teacher_logits
+
+            print(json.dumps(write_teacher_logits(
+                args.teacher, args.train_file, args.top_k, args.output_dir, max_length=args.max_length,
+                batch_size=args.batch_size, text_column=args.text_column, shard_tokens=args.shard_tokens,
+                overwrite=args.overwrite_output_dir)))
         elif args.command == "eval":
             print(json.dumps(run_eval(args)))
         else:

@@ -108,6 +108,7 @@ class DistillConfig:
     fp16: bool = False  # fp16 autocast with loss scaling (GPU; on a CPU it runs as bf16 autocast)
     teacher_dtype: str | None = None  # float32, bfloat16 or float16: the frozen teacher's dtype
     eval_steps: int | None = None  # evaluate --eval-file every N steps (its losses in the logs)
+    teacher_logits: str | None = None  # train from stored teacher logits (teacher_logits.py), not a live teacher
 
     def __post_init__(self):
         for name, hint in _field_types().items():  # flags and config-file values alike: one typed path

@@ -21,7 +21,8 @@ from .errors import DistillConfigError
 RUN_FILE = "distill_config.json"
 #: What a run writes besides the saved model files (which the next save overwrites anyway).
 ARTEFACTS = ("checkpoint-*", "runs", "log.csv", "loss_curve.png", "summary.json", RUN_FILE, "cos_projection.pt",
-             "ted_summary.json", "teacher_filters.pt", "student_filters.pt", "student")
+             "ted_summary.json", "teacher_filters.pt", "student_filters.pt", "student",
+             "teacher-logits-*.safetensors", "teacher_logits.json")
 #: Options that steer a run without changing what it trains: they may differ on a resume.
 RUN_CONTROL = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress", "plot", "eval_file",
                          "logging_steps", "save_steps", "max_steps", "num_epochs", "eval_batch_size"})

@@ -143,6 +143,15 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     causal = is_causal_lm(t_config)
     tokenizer = setup_tokenizer(cfg, t_config, texts, tokenizer)
     weights = resolve_objectives(cfg.weights, causal, explicit=cfg.objectives is not None)
+    offline = cfg.teacher_logits is not None  # stored teacher logits (teacher_logits.py): no live teacher
+    if offline:
+        from . import teacher_logits as tl
+
+        if not causal:
+            raise DistillConfigError("--teacher-logits needs a causal LM teacher: a masked LM's logits depend on the "
+                                     "masks, which are drawn afresh at every step")
+        tl.check_offline(weights, cfg)
+        manifest = tl.Manifest.read(cfg.teacher_logits)
     objectives = Objectives(weights, causal, cfg.temperature, cfg.ce_scope, cfg.atkd_lambda, cfg.atkd_hard_fraction)
     n_student, n_teacher = _layer_counts(cfg, t_config, s_config)
     pairs = tuple(aligned_pairs(cfg.alignment, n_student, n_teacher)) if objectives.counterfactual else ()
@@ -150,6 +159,9 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     max_length = min(max_tokens(t_config, cfg.max_length), max_tokens(s_config or t_config, cfg.max_length))
     dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file, why=why)
     _log_data(dataset)
+    if offline:
+        manifest.check(tokenizer, texts, max_length, cfg.text_column, cfg.train_file)
+        dataset = tl.OfflineTeacherLogits(dataset, cfg.teacher_logits, manifest)
     per_step = cfg.batch_size * _world_size()
     if pairs and len(dataset) < per_step:
         raise DataError(f"{cfg.train_file}: {len(dataset)} usable examples, fewer than one batch ({per_step}); the "
@@ -159,8 +171,14 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     if not causal and tokenizer.mask_token_id is None:
         raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     torch.manual_seed(cfg.seed)
-    teacher = teacher if teacher is not None else load_lm(cfg.teacher)
+    if teacher is None and not (offline and cfg.student):  # offline with --student: the teacher never loads
+        teacher = load_lm(cfg.teacher)
     student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
+    if offline:  # the teacher only initialised the student: drop it before training
+        if teacher is not None:
+            tl.release(teacher)
+        teacher = None
+        return _train_offline(cfg, student, tokenizer, dataset, weights, n_teacher, eval_texts, callbacks, resume)
     if (num_layers(student), num_layers(teacher)) != (n_student, n_teacher):  # the configs' counts are the models'
         raise DistillConfigError(f"the models have {num_layers(student)} and {num_layers(teacher)} blocks, but their "
                                  f"configs say {n_student} and {n_teacher}")
@@ -218,6 +236,56 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     return summary
 
 
+def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, weights: dict, n_teacher: int,
+                   eval_texts, callbacks, resume) -> dict:
+    """`train` from stored teacher logits (teacher_logits.py): no teacher in memory, the student trains on
+    `OfflineDistillation`; checkpoints, resume, logs and the saved student as in `train`."""
+    import gc
+
+    from .objectives.atkd import ATKDConfig
+    from .teacher_logits import OfflineCollator, OfflineDistillation
+
+    gc.collect()
+    if student.get_output_embeddings().weight.shape[0] != dataset.manifest.vocab_size:
+        raise DistillConfigError(f"the student's vocabulary ({student.get_output_embeddings().weight.shape[0]}) is "
+                                 f"not the teacher logits' ({dataset.manifest.vocab_size})")
+    out = Path(cfg.output_dir)
+    method = OfflineDistillation(weights, cfg.temperature,
+                                 ATKDConfig(lam=cfg.atkd_lambda, hard_fraction=cfg.atkd_hard_fraction))
+    trainer = DistillTrainer(model=student, args=training_arguments(cfg), train_dataset=dataset,
+                             data_collator=OfflineCollator(tokenizer.pad_token_id), method=method,
+                             warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+    if trainer.is_world_process_zero():
+        begin_run(out, sources=_sources(cfg), overwrite=cfg.overwrite_output_dir, options=cfg.to_dict())
+    finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
+    if finished is not None:
+        train_loss = _restore(trainer, Path(resume), finished)
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
+    summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": train_loss,
+               "objectives": weights, "causal": True, "teacher_logits": cfg.teacher_logits,
+               "student_layers": num_layers(student), "teacher_layers": n_teacher,
+               "data": {"examples": len(dataset), "dropped_short": dataset.data.dropped,
+                        "truncated": dataset.data.truncated}}
+    if trainer.is_world_process_zero():
+        enable_cache(student)
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+        (out / "distill_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_objectives": weights},
+                                                             indent=2, default=str))
+        if cfg.plot and (out / "log.csv").is_file():
+            summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
+        if eval_texts is not None:
+            from .evaluate import EVAL_SEED, evaluate
+
+            summary["eval"] = evaluate(student, eval_texts, tokenizer, max_length=cfg.max_length, seed=EVAL_SEED,
+                                       batch_size=cfg.eval_batch_size)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 def min_tokens(causal: bool, span_fraction: float | None) -> tuple[int, str]:
     """The fewest tokens an example needs, and why: 2 for a causal LM (one next-token target), and
     ceil(1 / span_fraction) for an interchange span of at least one position."""
@@ -235,7 +303,7 @@ _LATEST = (True, "auto", "latest")
 
 
 def _sources(cfg: DistillConfig) -> dict[str, str | None]:
-    return {"teacher": cfg.teacher, "student": cfg.student}
+    return {"teacher": cfg.teacher, "student": cfg.student, "teacher logits": cfg.teacher_logits}
 
 
 def _claim(cfg: DistillConfig) -> str | None:
