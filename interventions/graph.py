@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -52,6 +51,10 @@ class SitePoint:
         return Layout.PATTERN if self.kind == "pattern" else Layout.TOKENS
 
 
+def _no_graph() -> None:
+    return None
+
+
 def _get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
@@ -77,7 +80,9 @@ class SiteGraph:
     paths included), ``graph.num_layers`` counts blocks, ``graph.graph`` is the DiGraph.
     """
 
-    _cache: "weakref.WeakKeyDictionary[nn.Module, SiteGraph]" = weakref.WeakKeyDictionary()
+    #: Where a model keeps its graph: on the model itself, so that the graph (which references the
+    #: model) dies with it. A process-wide cache keyed by the model would keep every model alive.
+    _ATTRIBUTE = "_interventions_site_graph"
 
     def __init__(self, model: nn.Module, family: Family | None, layers_path: str | None,
                  layers: nn.ModuleList | None, layouts: list[LayerLayout] | None = None):
@@ -108,13 +113,17 @@ class SiteGraph:
         self.sites: list[str] = list(self._points)
         self._order = {name: i for i, name in enumerate(self.sites)}
 
+    def __reduce__(self):
+        """A copied or pickled model does not carry its graph (its modules are new): rebuilt on first use."""
+        return (_no_graph, ())
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module) -> "SiteGraph":
         """Build (or fetch the cached) site graph of `model`."""
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        cached = cls._cache.get(model)
+        cached = model.__dict__.get(cls._ATTRIBUTE)
         if cached is not None and cached.is_current():
             return cached
         base = getattr(model, "base_model", model)
@@ -151,7 +160,7 @@ class SiteGraph:
                             stacklevel=2,
                         )
         graph = cls(model, family, layers_path, layers, layouts)
-        cls._cache[model] = graph
+        object.__setattr__(model, cls._ATTRIBUTE, graph)  # a plain attribute: not a submodule, not in state_dict
         return graph
 
     # -- following the model --------------------------------------------------------------------

@@ -174,9 +174,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     if teacher is None and not (offline and cfg.student):  # offline with --student: the teacher never loads
         teacher = load_lm(cfg.teacher)
     student = load_lm(cfg.student) if cfg.student else build_student(teacher, cfg.student_layers)
-    if offline:  # the teacher only initialised the student: drop it before training
-        if teacher is not None:
-            tl.release(teacher)
+    if offline:  # the teacher only initialised the student: drop it before training (nothing else holds it)
         teacher = None
         return _train_offline(cfg, student, tokenizer, dataset, weights, n_teacher, eval_texts, callbacks, resume)
     if (num_layers(student), num_layers(teacher)) != (n_student, n_teacher):  # the configs' counts are the models'

@@ -244,15 +244,6 @@ class OfflineCollator(Collator):
         return batch
 
 
-def release(model) -> None:
-    """Let `model` be freed once the caller drops it: the toolkit's site-graph cache (`SiteGraph._cache`,
-    a WeakKeyDictionary whose graphs reference their model, so its entries never expire) would keep
-    a teacher that only initialised the student alive for the whole run."""
-    from interventions import SiteGraph
-
-    SiteGraph._cache.pop(model, None)
-
-
 def check_offline(weights: dict[str, float], cfg) -> None:
     """Before any model loads: only objectives computable from stored logits, no periodic evaluation."""
     bad = [k for k in weights if k not in OFFLINE_OBJECTIVES]
