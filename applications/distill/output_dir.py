@@ -38,7 +38,7 @@ def refuse_sources(output_dir: str | Path, sources: Mapping[str, str | None], fl
     for role, source in sources.items():
         if source and Path(source).expanduser().exists() and _resolved(source) == out:
             raise DistillConfigError(
-                f"{flag} {output_dir!r} is the {role}'s directory: the run would overwrite the {role}. "
+                f"{flag} '{output_dir}' is the {role}'s directory: the run would overwrite the {role}. "
                 f"Choose another {flag}."
             )
 
@@ -56,7 +56,7 @@ def _artefacts(out: Path, sources: Mapping[str, str | None]) -> list[Path]:
             hit = next((p for p in doomed if src == p.resolve() or p.resolve() in src.parents), None)
             if hit is not None:
                 raise DistillConfigError(
-                    f"--overwrite-output-dir would delete {hit}, which holds the {role} ({source!r}). Move the "
+                    f"--overwrite-output-dir would delete {hit}, which holds the {role} ('{source}'). Move the "
                     "model out of the output directory or choose another --output-dir."
                 )
     return doomed
@@ -110,7 +110,7 @@ def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None
     refuse_sources(output_dir, sources, flag)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise DistillConfigError(f"{flag} {output_dir!r} is a file, not a directory")
+        raise DistillConfigError(f"{flag} '{output_dir}' is a file, not a directory")
     check_writable(out, flag)
     entries = _entries(out)
     if entries and overwrite:
@@ -121,7 +121,7 @@ def claim_output_dir(output_dir: str | Path, *, sources: Mapping[str, str | None
     elif entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise DistillConfigError(
-            f"{flag} {output_dir!r} is not empty ({shown}): another run's files would mix with this one's. "
+            f"{flag} '{output_dir}' is not empty ({shown}): another run's files would mix with this one's. "
             "Choose a new directory, continue that run with --resume-from-checkpoint latest, or replace it with "
             "--overwrite-output-dir."
         )
