@@ -91,3 +91,19 @@ def llama():
 def tiny(request):
     """Each of the two oracle families in turn (float64)."""
     return build(request.param)
+
+
+def save_bert_teacher(folder, texts: list[str], vocab: int, *, layers: int = 4, hidden: int = 16,
+                      intermediate: int = 24, **config) -> tf.BertForMaskedLM:
+    """A tiny BERT masked-LM teacher (seed 0) with a WordPiece tokenizer trained on `texts`, both saved to
+    `folder` as save_pretrained does: the distillation tests' common starting point."""
+    from applications.distill.data import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab, causal=False)
+    torch.manual_seed(0)
+    teacher = tf.BertForMaskedLM(tf.BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=intermediate, max_position_embeddings=64, pad_token_id=tok.pad_token_id, **config))
+    teacher.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return teacher

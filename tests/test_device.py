@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from conftest import save_bert_teacher
 
 from applications.distill.cli import main
 from applications.distill.config import DistillConfig
@@ -45,13 +46,7 @@ def lm(tmp_path_factory):
     texts = make_corpus(60, seed=4)
     (root / "train.txt").write_text("\n".join(texts[:48]) + "\n")
     (root / "eval.txt").write_text("\n".join(texts[48:]) + "\n")
-    tok = train_tokenizer(texts, 100, causal=False)
-    torch.manual_seed(0)
-    teacher = tf.BertForMaskedLM(tf.BertConfig(
-        vocab_size=len(tok), hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=64, pad_token_id=tok.pad_token_id))
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_bert_teacher(root / "teacher", texts, 100)
     return root
 
 

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import transformers as tf
+from conftest import save_bert_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from applications.distill.cli import main
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
-from applications.distill.data import train_tokenizer
 from applications.distill.errors import DataError, NonFiniteLossError
 from applications.distill.run import train
 
@@ -26,13 +26,7 @@ def setup(tmp_path_factory):
     texts = make_corpus(120, seed=3)
     (root / "train.txt").write_text("\n".join(texts[:100]) + "\n")
     (root / "eval.txt").write_text("\n".join(texts[100:]) + "\n")
-    tok = train_tokenizer(texts, 120, causal=False)
-    torch.manual_seed(0)
-    teacher = tf.BertForMaskedLM(tf.BertConfig(
-        vocab_size=len(tok), hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=64, pad_token_id=tok.pad_token_id))
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_bert_teacher(root / "teacher", texts, 120)
     return root
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers as tf
+from conftest import save_bert_teacher
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -28,13 +29,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("outdir")
     texts = make_corpus(60, seed=5)
     (root / "train.txt").write_text("\n".join(texts) + "\n")
-    tok = train_tokenizer(texts, 100, causal=False)
-    torch.manual_seed(0)
-    teacher = tf.BertForMaskedLM(tf.BertConfig(
-        vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=64, pad_token_id=tok.pad_token_id))
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
+    save_bert_teacher(root / "teacher", texts, 100, layers=2)
     return root
 
 
