@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import DistillConfigError
 
