@@ -29,6 +29,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks import studies
+from benchmarks.studies import Busy, Lock, markers, mean_std
+
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 HEADING = "## Causal distillation (DIITO) study"
 
@@ -43,12 +48,17 @@ VARIANTS = {
     "full_masked": ["--recipe", "diito", "--alignment", "full", "--span-mode", "masked"],
     "standard_long": ["--recipe", "standard"],
 }
-#: Variant -> its steps as a multiple of --student-steps. The one exception to "same steps for all": a
-#: time-matched control, standard distillation given the extra time a DIITO step takes (1.5x in
-#: docs/benchmarks.md), so a DIITO gain is not just more compute per step.
-STEP_FACTOR = {"standard_long": 1.5}
+#: The one exception to "same steps for all": a time-matched control, standard distillation given the
+#: extra time a DIITO step takes (Size.matched_factor, 1.5x in docs/benchmarks.md), so a DIITO gain is
+#: not just more compute per step.
+MATCHED = "standard_long"
 #: Variant -> the fewest student layers its alignment is defined for (LATE pairs the third- and second-to-last).
 MIN_LAYERS = {"late": 3}
+
+
+def steps_of(variant: str, size: "Size") -> int:
+    """A variant's training steps: student_steps, or matched_factor times that for the time-matched control."""
+    return round((size.matched_factor if variant == MATCHED else 1) * size.student_steps)
 
 
 def defined(variant: str, layers: int) -> bool:
@@ -59,12 +69,12 @@ def defined(variant: str, layers: int) -> bool:
 LABELS = {"standard": "standard (ce, mlm, cos 1/3)", "full": "DIITO FULL", "middle": "DIITO MIDDLE",
           "late": "DIITO LATE", "full_cos": "FULL + diito_cos", "full_random": "FULL, random positions",
           "full_masked": "FULL, masked positions",
-          "standard_long": "standard, 1.5× steps (time-matched)"}
+          "standard_long": "standard, time-matched steps"}
 
 
 @dataclass(frozen=True)
 class Size:
-    """Every budget knob of the study (identical for all variants, but for STEP_FACTOR's control)."""
+    """Every budget knob of the study (identical for all variants, but for the MATCHED control's steps)."""
 
     vocab: int = 4000
     max_length: int = 64
@@ -81,6 +91,7 @@ class Size:
     sst_steps: int = 189  # three epochs of sst_train at batch 32 (after one, the training loss is still ln 2)
     sst_lr: float = 5e-4
     save_steps: int = 100
+    matched_factor: float = 1.5  # the time-matched control's steps / student_steps (DIITO / standard time per step)
 
 
 SMOKE = Size(vocab=300, max_length=24, teacher_layers=4, hidden=32, heads=4, teacher_steps=6, student_steps=3,
@@ -181,7 +192,7 @@ def train_argv(work: Path, size: Size, variant: str, layers: int, seed: int) -> 
     out = work / "runs" / f"{variant}-L{layers}-s{seed}"
     return ["train", "--teacher", str(work / "teacher"), "--train-file", str(work / "data" / "train.txt"),
             "--output-dir", str(out), "--student-layers", str(layers), *VARIANTS[variant],
-            "--max-steps", str(round(STEP_FACTOR.get(variant, 1) * size.student_steps)),
+            "--max-steps", str(steps_of(variant, size)),
             "--batch-size", str(size.batch_size),
             "--max-length", str(size.max_length), "--seed", str(seed), "--save-steps", str(size.save_steps),
             "--logging-steps", str(max(1, size.student_steps // 20)), "--resume", "latest",
@@ -243,45 +254,6 @@ def _step_seconds(out: Path, fallback: float, steps: int) -> float | None:
     return seconds / steps
 
 
-class Busy(Exception):
-    """Another live study process is working on this piece right now."""
-
-
-class Lock:
-    """An exclusive lock file (holding the pid) so several study processes can share one --work cache."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        import os
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                    os.kill(pid, 0)  # alive: someone else is on it
-                    if pid != os.getpid():
-                        raise Busy(str(self.path))
-                except (ValueError, ProcessLookupError):
-                    self.path.unlink(missing_ok=True)  # a dead holder: take over
-                    continue
-                except PermissionError as e:
-                    raise Busy(str(self.path)) from e
-                return self
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise Busy(str(self.path))
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-        return False
-
-
 # -- SST-2 -----------------------------------------------------------------------------------------
 def run_sst(work: Path, size: Size, model_dir: Path, log) -> tuple[dict, bool]:
     """Fine-tune a (student) masked LM's encoder on the fixed SST-2 subset; dev accuracy (cached)."""
@@ -317,14 +289,6 @@ def _run_sst(work, size, model_dir, done, log) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def _ms(values: list[float], fmt: str) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}} (1 seed)"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.replace('+', '')}}"
-
-
 def collect(work: Path, variants, layer_list, seeds) -> dict:
     """Every cached result under work (whatever has finished), grouped by (variant, layers)."""
     rows = {}
@@ -355,14 +319,14 @@ def table(rows: dict, seeds) -> str:
     for (v, layers), runs in rows.items():
         done = sorted(runs)
         sst = [r["sst"] for r in runs.values() if "sst" in r]
-        dppl = "—" if v == "standard" else _ms(paired(rows, v, layers, "perplexity"), "+.2f")
-        diia = "—" if v == "standard" else _ms(paired(rows, v, layers, "iia"), "+.3f")
+        dppl = "—" if v == "standard" else mean_std(paired(rows, v, layers, "perplexity"), "+.2f")
+        diia = "—" if v == "standard" else mean_std(paired(rows, v, layers, "iia"), "+.3f")
         lines.append(
             f"| {layers} layers | {LABELS[v]} | {len(done)}/{len(seeds)} "
-            f"| {_ms([r['perplexity'] for r in runs.values()], '.2f')} | {dppl} "
-            f"| {_ms([r['iia'] for r in runs.values()], '.3f')} | {diia} "
-            f"| {_ms([r['seconds_per_step'] for r in runs.values() if r['seconds_per_step']], '.2f')} "
-            f"| {_ms(sst, '.3f') + (f' ({len(sst)} seeds)' if 1 < len(sst) < len(done) else '')} |")
+            f"| {mean_std([r['perplexity'] for r in runs.values()], '.2f')} | {dppl} "
+            f"| {mean_std([r['iia'] for r in runs.values()], '.3f')} | {diia} "
+            f"| {mean_std([r['seconds_per_step'] for r in runs.values() if r['seconds_per_step']], '.2f')} "
+            f"| {mean_std(sst, '.3f') + (f' ({len(sst)} seeds)' if 1 < len(sst) < len(done) else '')} |")
     return "\n".join(lines)
 
 
@@ -412,30 +376,12 @@ def plot(rows: dict, teacher_ppl: float, path: Path) -> Path | None:
     return path
 
 
-START, END = "<!-- study_diito: generated, start -->", "<!-- study_diito: generated, end -->"
+START, END = markers("study_diito")
 
 
-def write_section(results_md: Path, generated: str) -> None:
-    """Put `generated` into our section of results_md (between START/END markers under HEADING).
-
-    Text outside the markers (other sections, the hand-written reading of ours) is kept as it is.
-    """
-    text = results_md.read_text(encoding="utf-8") if results_md.is_file() else ""
-    block = f"{START}\n{generated.strip()}\n{END}"
-    if HEADING not in text:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + f"{HEADING}\n\n{block}\n"
-    else:
-        head = text.index(HEADING)
-        nxt = text.find("\n## ", head + len(HEADING))
-        section_end = len(text) if nxt < 0 else nxt
-        a, b = text.find(START, head, section_end), text.find(END, head, section_end)
-        if a >= 0 and b >= 0:
-            text = text[:a] + block + text[b + len(END):]
-        else:
-            line_end = head + len(HEADING)
-            text = text[:line_end] + "\n\n" + block + text[line_end:]
-    results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(text, encoding="utf-8")
+def write_section(results_md: Path, generated: str, heading: str = HEADING, name: str = "study_diito") -> None:
+    """Put `generated` into the study's section of results_md (the hand-written reading around it is kept)."""
+    studies.write_section(results_md, heading, generated, name)
 
 
 def unigram_perplexity(work: Path, max_length: int) -> float:
@@ -511,8 +457,8 @@ def generated_text(rows: dict, teacher: dict, info: dict, size: Size, seeds, png
               + (f"; SST-2 dev accuracy {teacher['sst']:.3f}." if "sst" in teacher else ".")), "",
               ("Students: every variant, every seed: the same teacher, data, "
               f"{size.student_steps} steps, batch {size.batch_size}"
-              + "".join(f" (except {LABELS[v]}: {round(f * size.student_steps)} steps)" for v, f in STEP_FACTOR.items()
-                        if any(k[0] == v for k in rows))
+              + (f" (except {LABELS[MATCHED]}: {steps_of(MATCHED, size)} steps, {size.matched_factor}×)"
+                 if any(k[0] == MATCHED for k in rows) else "")
               + f"; SST-2: {size.sst_steps} steps "
               f"(batch {size.batch_size}, lr {size.sst_lr}) from each student's weights, one fixed fine-tuning seed."),
               "", table(rows, seeds), ""]
