@@ -81,3 +81,38 @@ def test_ted_stage2_two_processes_match_one_filters_included(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_offline_teacher_logits_two_processes_match_one(tmp_path):
+    """Training from stored top-8 teacher logits under torchrun matches one process with accumulation:
+    fails if a rank reads another example's stored logits (top-8 targets differ from example to example)."""
+    from applications.distill.teacher_logits import write_teacher_logits
+
+    texts = make_corpus(48, seed=7)
+    (tmp_path / "train.txt").write_text("\n".join(texts) + "\n")
+    tok = train_tokenizer(texts, 300, causal=True)
+    torch.manual_seed(0)
+    teacher = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                               resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    write_teacher_logits(str(tmp_path / "teacher"), str(tmp_path / "train.txt"), 8, str(tmp_path / "logits"),
+                         max_length=32, batch_size=8, shard_tokens=200)
+    common = ["train", "--teacher", str(tmp_path / "teacher"), "--train-file", str(tmp_path / "train.txt"),
+              "--teacher-logits", str(tmp_path / "logits"), "--objectives", "ce", "--student-layers", "1",
+              "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--save-steps", "100",
+              "--learning-rate", "1e-2", "--no-progress", "--no-plot"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "applications.distill", *common, "--output-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = teacher.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
