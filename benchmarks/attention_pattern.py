@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,16 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import transformers as tf
 
+from benchmarks.common import clock_name, median_times, random_gpt2, use_process_time
 from interventions import get_value, set_value
 
 tf.logging.set_verbosity_error()
 
 
 def build(layers: int, width: int, heads: int, vocab: int, impl: str) -> tf.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = tf.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=1024,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return tf.GPT2LMHeadModel._from_config(config, attn_implementation=impl).eval()
+    return random_gpt2(layers, width, heads, vocab, attn=impl)
 
 
 def main() -> None:
@@ -52,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = time.process_time if args.threads == 1 else time.perf_counter
+    if args.threads == 1:
+        use_process_time()
     layers, width, heads, vocab = (4, 256, 4, 5000) if args.quick else (12, 768, 12, 50257)
     batch, seq = (2, 64) if args.quick else (4, 256)
     rounds = args.rounds or (5 if args.quick else 7)
@@ -95,19 +92,11 @@ def main() -> None:
 
     runs = {"plain sdpa": plain, "pattern, full forward": pattern_full, "get_value(pattern)": pattern_get,
             "plain eager": plain_eager}
-    times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.no_grad():
-        for fn in runs.values():  # warm-up
-            fn()
-        for _ in range(rounds):
-            for name, fn in runs.items():
-                t0 = clock()
-                fn()
-                times[name].append(clock() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = median_times(runs, rounds, warmup=1)
     base = med["plain sdpa"]
     print(f"GPT-2 {layers} layers x {width}, {heads} heads, inputs [{batch} x {seq}], threads "
-          f"{torch.get_num_threads()}, {rounds} rounds, clock {'process CPU' if clock is time.process_time else 'wall'}")
+          f"{torch.get_num_threads()}, {rounds} rounds, clock: {clock_name()}")
     print(f"pattern check vs eager output_attentions: max|diff| = {err:.1e}")
     print(f"{'run':28s} {'median s':>9s} {'x plain sdpa':>13s}")
     for name, t in med.items():

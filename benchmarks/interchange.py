@@ -13,12 +13,9 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 import transformers as tf
 
+from benchmarks.common import clock_name, median_times, random_gpt2, use_process_time, version
 from interventions import Site, interchange, patching_sweep
 
 tf.logging.set_verbosity_error()
@@ -58,32 +56,7 @@ QUICK = Setup(layers=4, width=256, heads=4, vocab=5000, single_batch=4, single_s
 
 
 def build_model(s: Setup) -> tf.GPT2LMHeadModel:
-    """A random GPT-2 (no dropout, eval mode), built from a config: no downloads."""
-    torch.manual_seed(0)
-    config = tf.GPT2Config(n_layer=s.layers, n_embd=s.width, n_head=s.heads, vocab_size=s.vocab,
-                           n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return tf.GPT2LMHeadModel(config).eval()
-
-
-CLOCK = time.perf_counter  # main() switches to process CPU time for single-threaded runs
-
-
-def median_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median time (s) of each run, after `warmup` untimed calls of each.
-
-    The runs are interleaved (one call of each per round), so a change in machine load touches
-    every tool alike instead of whichever happened to be timed at that moment.
-    """
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return random_gpt2(s.layers, s.width, s.heads, s.vocab)
 
 
 # -- work floors (FLOPs; a multiply-add counts 2) -------------------------------------------------
@@ -102,13 +75,6 @@ def forward_flops(s: Setup, tokens: int, seq: int, blocks: int, head_positions: 
 
 
 # -- peers ----------------------------------------------------------------------------------------
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist.replace("_", "-"))
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
 def load_peers():
     """Import each peer; a peer that cannot load is reported, never silently dropped."""
     peers, missing = {}, {}
@@ -311,15 +277,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
-    global CLOCK
     if args.threads == 1:  # CPU time of this process: what the work costs, not how long others held the core
-        CLOCK = time.process_time
-    clock = "process CPU time" if args.threads == 1 else "wall time"
+        use_process_time()
+    clock = clock_name()
     peers, missing = load_peers()
     print(f"torch {torch.__version__}, transformers {tf.__version__}, {torch.get_num_threads()} threads on "
           f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
           f"GPT-2 config: {s.layers} layers, width {s.width}, {s.heads} heads, vocab {s.vocab} (random weights)")
-    versions = {name: _version(name) for name in peers}
+    versions = {name: version(name) for name in peers}
     print(f"timing: {clock}, median over interleaved rounds")
     print("peers:", ", ".join(f"{k} {v}" for k, v in versions.items()) or "none")
     for name, why in missing.items():

@@ -21,10 +21,8 @@ import copy
 import json
 import os
 import sys
-import time
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,27 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 import transformers as tf
 
+from benchmarks.common import random_gpt2, timed, use_process_time, version
 from interventions import patching_sweep
 
 tf.logging.set_verbosity_error()
 TOL = 1e-4  # float32 logit differences of O(1); the peers' attention paths round differently
-CLOCK = time.perf_counter  # main() switches to process CPU time for single-threaded runs
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def timed(fn):
-    """(result, seconds) of one call, on the benchmark's clock."""
-    start = CLOCK()
-    out = fn()
-    return out, CLOCK() - start
-
-
 # -- head sweep -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HeadSweepSetup:
@@ -75,11 +57,8 @@ HEAD_SWEEP_QUICK = HeadSweepSetup(layers=2, width=64, heads=4, vocab=1000, batch
 
 def head_sweep_model(s: HeadSweepSetup) -> tf.GPT2LMHeadModel:
     """A random GPT-2 from a config (no downloads, no dropout, no key/value cache, eval mode)."""
-    torch.manual_seed(0)
-    config = tf.GPT2Config(n_layer=s.layers, n_embd=s.width, n_head=s.heads, vocab_size=s.vocab, n_positions=256,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                           bos_token_id=0, eos_token_id=0)
-    return tf.GPT2LMHeadModel(config).eval()
+    return random_gpt2(s.layers, s.width, s.heads, s.vocab, positions=256, use_cache=False, bos_token_id=0,
+                       eos_token_id=0)
 
 
 def head_sweep_inputs(s: HeadSweepSetup):
@@ -252,7 +231,6 @@ def _attribution_part(name: str):
     def run(quick: bool, results: dict) -> None:
         import research_attribution as bench  # beside this file
 
-        bench.CLOCK = CLOCK
         s = bench.QUICK if quick else bench.FULL
         results.update(bench.COMPARISONS[name](s, bench.build_model(s)))
     return run
@@ -270,11 +248,10 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=sorted(PARTS), action="append", help="run only these parts")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global CLOCK
     if args.threads == 1:  # CPU time of this process: what the work costs, not how long others held the core
-        CLOCK = time.process_time
+        use_process_time()
     print(f"torch {torch.__version__}, transformers {tf.__version__}, transformer-lens "
-          f"{_version('transformer-lens')}, nnsight {_version('nnsight')}; {torch.get_num_threads()} thread(s), "
+          f"{version('transformer-lens')}, nnsight {version('nnsight')}; {torch.get_num_threads()} thread(s), "
           f"{'process CPU time' if args.threads == 1 else 'wall time'}, load average {os.getloadavg()[0]:.1f}")
     results: dict = {"quick": args.quick}
     for name in args.only or list(PARTS):

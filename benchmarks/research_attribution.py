@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import transformers as tf
 from einops import rearrange
 
 import interventions as iv
+from benchmarks.common import clock_name, median_times, random_gpt2, use_process_time
 
 tf.logging.set_verbosity_error()
 TOL = 1e-5
@@ -56,23 +56,8 @@ class Setup:
 
 FULL = Setup()
 QUICK = Setup(layers=2, width=128, heads=4, vocab=2000, batch=4, seq=8, repeats=5)
-CLOCK = time.perf_counter  # main() switches to process CPU time for single-threaded runs
-
-
 def build_model(s: Setup) -> tf.GPT2LMHeadModel:
-    """A random GPT-2 (no dropout, eval mode) from a config: no downloads."""
-    torch.manual_seed(0)
-    config = tf.GPT2Config(
-        n_layer=s.layers,
-        n_embd=s.width,
-        n_head=s.heads,
-        vocab_size=s.vocab,
-        n_positions=256,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return tf.GPT2LMHeadModel(config).eval()
+    return random_gpt2(s.layers, s.width, s.heads, s.vocab, positions=256)
 
 
 def prompts(s: Setup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,20 +70,6 @@ def prompts(s: Setup) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, -1, 11] - logits[:, -1, 13]).mean()
-
-
-def median_times(runs: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median time (s) of each run after `warmup` untimed calls; runs interleaved round by round."""
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -308,7 +279,6 @@ COMPARISONS = {"attribution": attribution, "qk_fix": qk_fix}
 
 
 def main(argv=None) -> None:
-    global CLOCK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model and batch (seconds)")
     parser.add_argument(
@@ -318,13 +288,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count())
     if args.threads == 1:
-        CLOCK = time.process_time
+        use_process_time()
     s = QUICK if args.quick else FULL
     model = build_model(s)
     print(
         f"GPT-2 {s.layers} layers, width {s.width}, {s.heads} heads, vocab {s.vocab}; "
         f"torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), clock {CLOCK.__name__}"
+        f"{torch.get_num_threads()} thread(s), clock: {clock_name()}"
     )
     results = {"setup": s.__dict__, "threads": torch.get_num_threads()}
     for name in args.only or COMPARISONS:

@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 import transformers as tf
 
+from benchmarks.common import interleaved_times, paired_ratio, random_gpt2, use_process_time
 from interventions import SiteGraph, get_value
 
 tf.logging.set_verbosity_error()
@@ -59,29 +59,13 @@ TINY_INPUT, TINY_REPEATS = (1, 4), 201  # where the fixed per-call cost dominate
 
 
 def build_model(s: Setup) -> tf.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = tf.GPT2Config(n_layer=s.layers, n_embd=s.width, n_head=s.heads, vocab_size=s.vocab,
-                           n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-    return tf.GPT2LMHeadModel(config).eval()
+    return random_gpt2(s.layers, s.width, s.heads, s.vocab, use_cache=False)
 
 
 def timed_rounds(runs: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Process CPU time (s) of each run per round; runs interleave so load changes touch all alike."""
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return times
-
-
-def paired_ratio(times: dict, a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b) in the same round (cancels slow drifts in load)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    use_process_time()
+    return interleaved_times(runs, repeats, warmup)
 
 
 class _Stop(Exception):

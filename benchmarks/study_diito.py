@@ -56,7 +56,7 @@ MATCHED = "standard_long"
 MIN_LAYERS = {"late": 3}
 
 
-def steps_of(variant: str, size: "Size") -> int:
+def steps_of(variant: str, size: Size) -> int:
     """A variant's training steps: student_steps, or matched_factor times that for the time-matched control."""
     return round((size.matched_factor if variant == MATCHED else 1) * size.student_steps)
 

@@ -60,8 +60,8 @@ def rows_of(work: Path, budgets: list[int], seeds: list[int]) -> dict[int, dict]
 
 
 def table(rows: dict[int, dict], sizes: dict[int, sd.Size], seeds: list[int]) -> str:
-    lines = ["| budget | student | steps | seeds done | held-out MLM perplexity | Δ vs standard (same steps), paired "
-             "| Δ FULL − time-matched, paired | teacher-student IIA | s / step | training minutes (mean) |",
+    lines = [("| budget | student | steps | seeds done | held-out MLM perplexity | Δ vs standard (same steps), paired "
+              "| Δ FULL − time-matched, paired | teacher-student IIA | s / step | training minutes (mean) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b, by_variant in rows.items():
         base, matched = by_variant.get("standard", {}), by_variant.get(sd.MATCHED, {})
@@ -157,20 +157,21 @@ def generated(rows, sizes, teacher: dict, info: dict, seeds, png: Path | None, c
     done = sum(len(r) for by in rows.values() for r in by.values())
     expected = len(rows) * len(VARIANTS) * len(seeds)
     lines = ["Regenerate (resumes from the cache in `--work`; finished runs are reused):", "", "```", command, "```", "",
-             f"Hardware: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch "
-             f"{torch.__version__}, {torch.get_num_threads()} torch thread(s) per process. Wall clock from the first "
-             f"piece to the last finished one: {clock['wall_minutes']:.0f} min (students' training summed over runs: "
-             f"{clock['student_train_minutes']:.0f} min). Runs finished: {done}/{expected}.", ""]
+             (f"Hardware: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} torch thread(s) per process. Wall clock from the first "
+              f"piece to the last finished one: {clock['wall_minutes']:.0f} min (students' training summed over "
+              f"runs: {clock['student_train_minutes']:.0f} min). Runs finished: {done}/{expected}."), ""]
     if done < expected:
         lines += ["**Partial study**: the rows with fewer seeds than asked are still running or were not run.", ""]
-    lines += [f"Data and teacher: the DIITO study's recipe (WikiText-2 `test.txt`, {info.get('train_sentences')} "
-              f"training sentences; the first {info.get('eval_sentences')} sentences of `valid.txt` held out), a "
-              f"freshly trained BERT masked-LM teacher ({size.teacher_layers} layers, width {size.hidden}, "
-              f"{size.teacher_steps} steps), held-out MLM perplexity **{teacher.get('perplexity', float('nan')):.2f}**. "
-              f"Students: {LAYERS} layers from the teacher's blocks, batch {size.batch_size}; standard = "
-              "ce + mlm + cos (1/3 each), DIITO FULL = ce + mlm + cos + diito (1/4 each); per seed the three share "
-              f"the initialisation and data order. Time-matched control: standard for {RATIO} × the budget's steps, "
-              "the DIITO/standard time per step of `benchmarks/distill_step.py`. No SST-2 fine-tunes here.", "",
+    lines += [(f"Data and teacher: the DIITO study's recipe (WikiText-2 `test.txt`, {info.get('train_sentences')} "
+               f"training sentences; the first {info.get('eval_sentences')} sentences of `valid.txt` held out), a "
+               f"freshly trained BERT masked-LM teacher ({size.teacher_layers} layers, width {size.hidden}, "
+               f"{size.teacher_steps} steps), held-out MLM perplexity "
+               f"**{teacher.get('perplexity', float('nan')):.2f}**. Students: {LAYERS} layers from the teacher's "
+               f"blocks, batch {size.batch_size}; standard = ce + mlm + cos (1/3 each), DIITO FULL = ce + mlm + cos "
+               "+ diito (1/4 each); per seed the three share the initialisation and data order. Time-matched "
+               f"control: standard for {size.matched_factor} × the budget's steps, the DIITO/standard time per "
+               "step of `benchmarks/distill_step.py`. No SST-2 fine-tunes here."), "",
               table(rows, sizes, seeds), ""]
     if png is not None:
         lines += [f"![DIITO vs standard by training length]({png.name})", ""]
