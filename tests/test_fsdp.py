@@ -30,7 +30,6 @@ from applications.distill.cli import build_parser, main
 from applications.distill.config import DistillConfig
 from applications.distill.corpus import make_corpus
 from applications.distill.diito.step import Objectives
-from applications.distill.errors import DistillConfigError
 from applications.distill.fsdp import block_class, fsdp_report, shard_frozen
 from applications.distill.methods import LMDistillation
 from applications.distill.student import build_student

@@ -122,7 +122,7 @@ def _config(value) -> dict:
             raise DistillConfigError(f"{where}: cannot parse {value!r} as JSON: {e}") from None
     if not isinstance(value, dict):
         raise DistillConfigError(f"{where} must be a JSON mapping of FSDP settings, got {type(value).__name__}")
-    config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in value.items()}
+    config = {k.removeprefix("fsdp_"): v for k, v in value.items()}
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise DistillConfigError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(CONFIG_KEYS)}")
@@ -229,4 +229,4 @@ def _teacher_placement(options: FsdpOptions, enabled: bool) -> str:
 
 def launched() -> bool:
     """True under torchrun / accelerate launch (they set LOCAL_RANK): the only runs the Trainer allows FSDP in."""
-    return int(os.environ.get("LOCAL_RANK", -1)) != -1
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1
