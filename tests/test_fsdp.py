@@ -6,7 +6,9 @@
   fallback (a logged warning and summary.json's "fsdp" field) and still trains;
 - the sharded path itself: torch's `fully_shard` (FSDP2) on 2 gloo CPU processes, student blocks + root
   sharded and the teacher sharded by `shard_frozen`, trained for a few steps on the project's own
-  distillation losses, against one unsharded process on the same global batch (the oracle);
+  distillation losses (KD + clm + cos; and DIITO), against one unsharded process on the same global batch
+  (the oracle); in the same processes the real DistillTrainer under torchrun's environment reports
+  accelerate's fallback to DDP;
 - the real trainer under FSDP on GPUs (skipped, with its reason, without CUDA).
 """
 
@@ -59,16 +61,32 @@ def global_batch() -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "idx": [0, 1, 2, 3], "lengths": [10] * 4}
 
 
-def _train(rank: int | None, world: int = WORLD) -> dict:
-    """STEPS AdamW steps of KD (ce) + clm + cos on the global batch; `rank` None: one unsharded process,
-    else this rank's half with student (blocks, root) and teacher sharded. Returns the global losses and
-    the full final student weights (gathered)."""
+#: The objectives trained sharded: KD (ce) + clm + cos, whose oracle is one process on the whole batch; and
+#: with DIITO, whose sources are drawn within each process's examples, so its oracle is one process on the
+#: same two halves with the mean of their losses (the global batch as data parallelism defines it).
+RUNS = {"kd": ({"ce": 0.5, "clm": 0.3, "cos": 0.2}, False),
+        "diito": ({"ce": 0.25, "clm": 0.25, "cos": 0.25, "diito": 0.25}, True)}
+
+
+def _half(batch: dict, rank: int) -> dict:
+    rows = slice(rank * 2, rank * 2 + 2)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _train(rank: int | None, run: str, world: int = WORLD) -> dict:
+    """STEPS clipped AdamW steps of RUNS[run]; `rank` None: one unsharded process (on the whole batch, or on
+    both halves for DIITO), else this rank's half with student (blocks, root) and teacher sharded. Returns
+    the global losses and the full final student weights (gathered)."""
+    from applications.distill.diito.step import aligned_pairs
+
+    weights, counterfactual = RUNS[run]
     teacher = tiny_teacher()
     student = build_student(teacher, [0, 2]).train()
     start = {k: v.clone() for k, v in teacher.state_dict().items()}
-    method = LMDistillation(teacher, Objectives({"ce": 0.5, "clm": 0.3, "cos": 0.2}, causal=True, temperature=2.0),
-                            BatchRecipe(causal=True, seed=0, pairs=()))
-    batch = global_batch()
+    pairs = tuple(aligned_pairs("full", 2, 3)) if counterfactual else ()
+    method = LMDistillation(teacher, Objectives(weights, causal=True, temperature=2.0),
+                            BatchRecipe(causal=True, seed=0, pairs=pairs))
+    batches = [global_batch()]
     if rank is not None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -78,19 +96,20 @@ def _train(rank: int | None, world: int = WORLD) -> dict:
             fully_shard(block, mesh=mesh)
         fully_shard(student, mesh=mesh)
         shard_frozen(teacher, mesh=mesh)
-        half = slice(rank * 2, rank * 2 + 2)
-        batch = {"input_ids": batch["input_ids"][half], "attention_mask": batch["attention_mask"][half],
-                 "idx": batch["idx"][half], "lengths": batch["lengths"][half]}
+        batches = [_half(batches[0], rank)]
+    elif counterfactual:
+        batches = [_half(batches[0], r) for r in range(world)]
     teacher.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    names = ("loss", *weights)
     losses = []
     for step in range(STEPS):
-        parts = method.losses(student, batch, step)
-        parts["loss"].backward()
+        parts = [method.losses(student, b, step) for b in batches]
+        (sum(p["loss"] for p in parts) / len(parts)).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
         optimizer.step()
         optimizer.zero_grad()
-        values = torch.stack([parts[k].detach() for k in ("loss", "ce", "clm", "cos")])
+        values = torch.stack([sum(p[k].detach() for p in parts) / len(parts) for k in names])
         if rank is not None:
             torch.distributed.all_reduce(values)
             values /= world
@@ -115,7 +134,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     tf.logging.set_verbosity_error()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        out = _train(rank)
+        out = {run: _train(rank, run) for run in RUNS}
         out["trainer"] = _trainer_under_torchrun(rank, out_dir)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "sharded.pt"))
@@ -173,20 +192,22 @@ def test_fully_shard_two_gloo_processes_match_one_process(tmp_path):
             if p.is_alive():
                 p.kill()
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=False)
-    reference = _train(None)
-    assert sharded["teacher_sharded"] and sharded["teacher_frozen"] and sharded["teacher_unchanged"]
+    start = build_student(tiny_teacher(), [0, 2]).state_dict()
+    for run in RUNS:
+        got, reference = sharded[run], _train(None, run)
+        assert got["teacher_sharded"] and got["teacher_frozen"] and got["teacher_unchanged"]
+        torch.testing.assert_close(got["losses"], reference["losses"], rtol=1e-10, atol=1e-12)
+        assert bool((reference["losses"] > 0).all())  # every objective is on
+        assert any(not torch.equal(reference["student"][k], start[k]) for k in start)  # training moved the weights
+        assert got["student"].keys() == reference["student"].keys()
+        for k, v in reference["student"].items():
+            torch.testing.assert_close(got["student"][k], v, rtol=1e-9, atol=1e-11)
     # the real trainer under torchrun on the CPU: the args reach it, accelerate falls back to DDP, it says so
     under = sharded["trainer"]
     assert under["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GPT2Block"] and not under["enabled"]
     assert under["report"]["distributed_type"] == "MULTI_CPU" and under["report"]["world_size"] == WORLD
     assert "fell back to DDP" in under["report"]["why"] and under["wrapper"] == "DistributedDataParallel"
     assert len(under["warnings"]) == 1 and "NOT enabled" in under["warnings"][0]
-    torch.testing.assert_close(sharded["losses"], reference["losses"], rtol=1e-10, atol=1e-12)
-    start = build_student(tiny_teacher(), [0, 2]).state_dict()
-    assert any(not torch.equal(reference["student"][k], start[k]) for k in start)  # training moved the weights
-    assert sharded["student"].keys() == reference["student"].keys()
-    for k, v in reference["student"].items():
-        torch.testing.assert_close(sharded["student"][k], v, rtol=1e-9, atol=1e-11)
 
 
 # -- options ---------------------------------------------------------------------------------------------
