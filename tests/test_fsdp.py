@@ -398,3 +398,12 @@ def test_trainer_under_fsdp_on_gpus_matches_one_process(saved, tmp_path):
         assert got.keys() == one.keys()
         for k in one:
             torch.testing.assert_close(got[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrap_class_the_student_lacks_is_refused_before_training(saved, tmp_path, capsys):
+    code = main(["train", "--teacher", str(saved / "teacher"), "--train-file", str(saved / "train.txt"),
+                 "--output-dir", str(tmp_path / "out"), "--student-layers", "2", "--max-steps", "1", "--fsdp",
+                 "full_shard", "--fsdp-config", '{"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}'])
+    err = capsys.readouterr().err
+    assert code == 2 and "['LlamaDecoderLayer'] are not modules of the student" in err and "'GPT2Block'" in err, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -153,9 +153,10 @@ def block_class(model: nn.Module) -> str | None:
     return names[0] if names else None
 
 
-def check_wrap_classes(args, model: nn.Module) -> None:
-    """Every class to wrap exists in the student (accelerate would fail later, after the models loaded)."""
-    names = (getattr(args, "fsdp_config", None) or {}).get("transformer_layer_cls_to_wrap") or []
+def check_wrap_classes(options: FsdpOptions, model: nn.Module) -> None:
+    """Every class the FSDP config names to wrap is a module of the student (accelerate would fail only later,
+    under the launcher); checked in any process, launched or not."""
+    names = dict(options.config).get("transformer_layer_cls_to_wrap") or [] if options.enabled else []
     present = {type(m).__name__ for m in model.modules()}
     missing = [n for n in names if n not in present]
     if missing:

@@ -199,7 +199,7 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     eval_dataset = TokenizedTexts(eval_texts, tokenizer, max_length, min_len, source=cfg.eval_file) \
         if eval_texts is not None and cfg.eval_steps else None
     args = training_arguments(cfg, drop_last, wrap_class=block_class(student))
-    check_wrap_classes(args, student)
+    check_wrap_classes(cfg.fsdp_options, student)
     trainer = DistillTrainer(
         model=student, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=Collator(tokenizer.pad_token_id), method=LMDistillation(teacher, objectives, recipe, projection),
@@ -265,7 +265,7 @@ def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, w
     method = OfflineDistillation(weights, cfg.temperature,
                                  ATKDConfig(lam=cfg.atkd_lambda, hard_fraction=cfg.atkd_hard_fraction))
     args = training_arguments(cfg, wrap_class=block_class(student))
-    check_wrap_classes(args, student)
+    check_wrap_classes(cfg.fsdp_options, student)
     trainer = DistillTrainer(model=student, args=args, train_dataset=dataset,
                              data_collator=OfflineCollator(tokenizer.pad_token_id), method=method,
                              warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
