@@ -281,6 +281,7 @@ def test_default_wrap_class_of_a_masked_lm_and_an_explicit_one(monkeypatch):
     (["--fsdp", "full_shard", "--fsdp-config", "[1]"], "neither inline JSON"),
     (["--fsdp-config", '{"cpu_offload": true}'], "FSDP is off: add --fsdp"),
     (["--teacher-offload", "disk"], "teacher_offload (--teacher-offload) must be one of none, cpu"),
+    (["--teacher-offload", "cpu", "--teacher-logits", "logits"], "with --teacher-logits there is none"),
 ])
 def test_bad_fsdp_options_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
     """A teacher path that does not exist: the option error comes first, so nothing was loaded."""

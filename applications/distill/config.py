@@ -155,7 +155,9 @@ class DistillConfig:
                 raise DistillConfigError(f"{name} ({_flag(name)}) must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise DistillConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        _ = self.fsdp_options  # raises on bad --fsdp / --fsdp-config / --teacher-offload values (fsdp.py)
+        if self.fsdp_options.teacher_offload != "none" and self.teacher_logits:  # raises on bad FSDP values too
+            raise DistillConfigError("--teacher-offload moves a live teacher; with --teacher-logits there is none "
+                                     "(drop one of them)")
         weights = self.weights  # raises on an unknown objective or a bad weight
         if ("diito" in weights or "diito_cos" in weights) and self.batch_size < 2:
             raise DistillConfigError(
