@@ -195,7 +195,7 @@ def place_teacher(teacher: nn.Module, trainer, offload: str = "none") -> bool:
 
 
 # -- the report ----------------------------------------------------------------------------------------
-def fsdp_report(options: FsdpOptions, trainer) -> dict | None:
+def fsdp_report(options: FsdpOptions, trainer, live_teacher: bool = True) -> dict | None:
     """What was asked and what accelerate did; a warning when FSDP was asked for but is not on (the fallback).
 
     None when neither --fsdp, an `accelerate launch` FSDP config, nor a teacher offload was asked for."""
@@ -207,7 +207,7 @@ def fsdp_report(options: FsdpOptions, trainer) -> dict | None:
     requested = " ".join(options.words) if options.enabled else ("accelerate launch" if from_launcher else None)
     report = {"requested": requested, "enabled": enabled, "distributed_type": kind,
               "world_size": trainer.args.world_size, "device": str(trainer.args.device),
-              "teacher": _teacher_placement(options, enabled)}
+              "teacher": _teacher_placement(options, enabled) if live_teacher else "none (stored teacher logits)"}
     if requested is not None and not enabled:
         if kind == "MULTI_CPU":
             why = ("accelerate enables FSDP only on GPUs; on the CPU this run fell back to DDP (gloo): every process "

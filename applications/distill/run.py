@@ -269,7 +269,7 @@ def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, w
     trainer = DistillTrainer(model=student, args=args, train_dataset=dataset,
                              data_collator=OfflineCollator(tokenizer.pad_token_id), method=method,
                              warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
-    fsdp = fsdp_report(cfg.fsdp_options, trainer)
+    fsdp = fsdp_report(cfg.fsdp_options, trainer, live_teacher=False)
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
