@@ -52,6 +52,12 @@ HELP = {
     "teacher_logits": "train from the teacher logits the teacher-logits command wrote there (objectives ce, clm, "
                       "atkd only; the teacher loads at most once, to initialise the student, or never with --student)",
     "eval_steps": "with --eval-file: also evaluate the training losses on it every N steps (logged as eval_loss*)",
+    "fsdp": "FSDP2 through the Trainer (TrainingArguments.fsdp): 'full_shard auto_wrap', 'shard_grad_op', "
+            "'full_shard offload auto_wrap', or bare --fsdp (settings from --fsdp-config); GPUs only (docs/distill.md)",
+    "fsdp_config": "TrainingArguments.fsdp_config: a JSON file or inline JSON, e.g. '{\"activation_checkpointing\": "
+                   "true}' (default wrap class: the student's transformer block)",
+    "teacher_offload": "cpu: keep the teacher's weights in CPU memory, copied to the device module by module "
+                       "(accelerate cpu_offload); default none (under FSDP the teacher is sharded)",
 }
 
 
@@ -79,6 +85,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         if f.name == "teacher_dtype":
             kwargs["choices"] = ("float32", "bfloat16", "float16", "auto")
+        if f.name == "fsdp":  # as TrainingArguments: a bare --fsdp turns it on
+            kwargs.update(nargs="?", const="true")
         parser.add_argument(*flags, **kwargs)
 
 

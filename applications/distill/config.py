@@ -109,6 +109,9 @@ class DistillConfig:
     teacher_dtype: str | None = None  # float32, bfloat16 or float16: the frozen teacher's dtype
     eval_steps: int | None = None  # evaluate --eval-file every N steps (its losses in the logs)
     teacher_logits: str | None = None  # train from stored teacher logits (teacher_logits.py), not a live teacher
+    fsdp: Any = None  # TrainingArguments.fsdp: e.g. "full_shard auto_wrap", "full_shard offload auto_wrap" (fsdp.py)
+    fsdp_config: Any = None  # TrainingArguments.fsdp_config: a JSON file, inline JSON, or a mapping in a config file
+    teacher_offload: str | None = None  # "cpu": the teacher's weights stay in CPU memory (accelerate cpu_offload)
 
     def __post_init__(self):
         for name, hint in _field_types().items():  # flags and config-file values alike: one typed path
@@ -152,6 +155,9 @@ class DistillConfig:
                 raise DistillConfigError(f"{name} ({_flag(name)}) must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise DistillConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.fsdp_options.teacher_offload != "none" and self.teacher_logits:  # raises on bad FSDP values too
+            raise DistillConfigError("--teacher-offload moves a live teacher; with --teacher-logits there is none "
+                                     "(drop one of them)")
         weights = self.weights  # raises on an unknown objective or a bad weight
         if ("diito" in weights or "diito_cos" in weights) and self.batch_size < 2:
             raise DistillConfigError(
@@ -164,6 +170,13 @@ class DistillConfig:
     def weights(self) -> dict[str, float]:
         """The objectives and their weights (the recipe's when none are given)."""
         return objective_weights(self.objectives, self.recipe)
+
+    @property
+    def fsdp_options(self):
+        """The checked FSDP options (fsdp.FsdpOptions)."""
+        from .fsdp import parse_options
+
+        return parse_options(self.fsdp, self.fsdp_config, self.teacher_offload)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,6 +20,7 @@ from .config import DistillConfig, student_layer_indices
 from .data import Collator, TokenizedTexts, read_texts, train_tokenizer
 from .diito.step import Objectives, aligned_pairs
 from .errors import DataError, DistillConfigError
+from .fsdp import block_class, check_wrap_classes, fsdp_report, place_teacher
 from .masking import token_weights
 from .methods import LMDistillation
 from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
@@ -53,10 +54,11 @@ def setup_tokenizer(cfg: DistillConfig, teacher_config, texts: list[str], tokeni
     return ensure_pad(tokenizer)
 
 
-def training_arguments(cfg: DistillConfig, drop_last: bool = False) -> TrainingArguments:
+def training_arguments(cfg: DistillConfig, drop_last: bool = False, wrap_class: str | None = None) -> TrainingArguments:
     """The paper's optimisation (AdamW, betas (0.9, 0.98), eps 1e-6, 5% warmup, linear decay, clip 5).
 
-    The warmup (cfg.warmup_ratio) is applied by DistillTrainer.create_scheduler, as a step count."""
+    The warmup (cfg.warmup_ratio) is applied by DistillTrainer.create_scheduler, as a step count. With
+    --fsdp: `fsdp` / `fsdp_config`, `wrap_class` (the student's block class) the default class to wrap."""
     cpu = not torch.cuda.is_available()
     distributed = _world_size() > 1
     return TrainingArguments(
@@ -69,7 +71,7 @@ def training_arguments(cfg: DistillConfig, drop_last: bool = False) -> TrainingA
         save_strategy="steps", save_steps=cfg.save_steps, report_to=["tensorboard"], seed=cfg.seed,
         data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        **precision_and_eval(cfg),
+        **precision_and_eval(cfg), **cfg.fsdp_options.training_arguments(wrap_class),
     )
 
 
@@ -196,11 +198,15 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     out = Path(cfg.output_dir)
     eval_dataset = TokenizedTexts(eval_texts, tokenizer, max_length, min_len, source=cfg.eval_file) \
         if eval_texts is not None and cfg.eval_steps else None
+    args = training_arguments(cfg, drop_last, wrap_class=block_class(student))
+    check_wrap_classes(cfg.fsdp_options, student)
     trainer = DistillTrainer(
-        model=student, args=training_arguments(cfg, drop_last), train_dataset=dataset, eval_dataset=eval_dataset,
+        model=student, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=Collator(tokenizer.pad_token_id), method=LMDistillation(teacher, objectives, recipe, projection),
         teacher_dtype=teacher_dtype(cfg.teacher_dtype), warmup_ratio=cfg.warmup_ratio,
+        place_frozen=lambda module, tr: place_teacher(module, tr, cfg.fsdp_options.teacher_offload),
         callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+    fsdp = fsdp_report(cfg.fsdp_options, trainer)  # warns when --fsdp was asked for but accelerate fell back
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
@@ -214,9 +220,13 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
                "train_loss": train_loss, "objectives": weights, "causal": causal,
                "student_layers": num_layers(student), "teacher_layers": num_layers(teacher),
                "data": {"examples": len(dataset), "dropped_short": dataset.dropped, "truncated": dataset.truncated}}
+    if fsdp is not None:
+        summary["fsdp"] = fsdp
+    enable_cache(student)
+    trainer.save_model(str(out))  # every rank: under FSDP gathering the full state dict is collective; rank 0 writes
+    if trainer.is_fsdp_enabled and eval_texts is not None:  # a sharded model's forward is collective too
+        summary["eval"] = _evaluate(cfg, student, eval_texts, tokenizer, teacher)
     if trainer.is_world_process_zero():
-        enable_cache(student)
-        trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         if projection is not None:
             torch.save(projection.state_dict(), out / "cos_projection.pt")
@@ -224,14 +234,18 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
                                                              indent=2, default=str))
         if cfg.plot and (out / "log.csv").is_file():
             summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
-        if eval_texts is not None:
-            from .evaluate import EVAL_SEED, evaluate
-
-            summary["eval"] = evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
-                                       max_length=cfg.max_length, seed=EVAL_SEED, batch_size=cfg.eval_batch_size,
-                                       span_fraction=cfg.span_fraction)
+        if eval_texts is not None and not trainer.is_fsdp_enabled:
+            summary["eval"] = _evaluate(cfg, student, eval_texts, tokenizer, teacher)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _evaluate(cfg: DistillConfig, student, eval_texts, tokenizer, teacher) -> dict:
+    from .evaluate import EVAL_SEED, evaluate
+
+    return evaluate(student, eval_texts, tokenizer, teacher=teacher, alignment=cfg.alignment,
+                    max_length=cfg.max_length, seed=EVAL_SEED, batch_size=cfg.eval_batch_size,
+                    span_fraction=cfg.span_fraction)
 
 
 def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, weights: dict, n_teacher: int,
@@ -250,9 +264,12 @@ def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, w
     out = Path(cfg.output_dir)
     method = OfflineDistillation(weights, cfg.temperature,
                                  ATKDConfig(lam=cfg.atkd_lambda, hard_fraction=cfg.atkd_hard_fraction))
-    trainer = DistillTrainer(model=student, args=training_arguments(cfg), train_dataset=dataset,
+    args = training_arguments(cfg, wrap_class=block_class(student))
+    check_wrap_classes(cfg.fsdp_options, student)
+    trainer = DistillTrainer(model=student, args=args, train_dataset=dataset,
                              data_collator=OfflineCollator(tokenizer.pad_token_id), method=method,
                              warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
+    fsdp = fsdp_report(cfg.fsdp_options, trainer, live_teacher=False)
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
@@ -267,9 +284,11 @@ def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, w
                "student_layers": num_layers(student), "teacher_layers": n_teacher,
                "data": {"examples": len(dataset), "dropped_short": dataset.data.dropped,
                         "truncated": dataset.data.truncated}}
+    if fsdp is not None:
+        summary["fsdp"] = fsdp
+    enable_cache(student)
+    trainer.save_model(str(out))  # every rank (collective under FSDP); rank 0 writes
     if trainer.is_world_process_zero():
-        enable_cache(student)
-        trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         (out / "distill_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_objectives": weights},
                                                              indent=2, default=str))

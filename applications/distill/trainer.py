@@ -4,7 +4,7 @@ The Trainer supplies device placement, gradient accumulation, AdamW with its sch
 (`get_scheduler`), gradient clipping, DDP under torchrun, bf16/fp16, checkpoints with exact resume,
 periodic evaluation, the progress bar and TensorBoard. A `Method` supplies only what differs:
 its frozen models (the teacher, TED's teacher filters: on the student's device, in eval mode,
-without gradients, optionally in `teacher_dtype`), the modules it trains beside the model (a cosine
+without gradients, optionally in `teacher_dtype`; or placed by `place_frozen`: sharded or offloaded), the modules it trains beside the model (a cosine
 projection, TED's student filters: optimised, clipped, synchronised across processes, checkpointed)
 and `losses(model, inputs, step)` — a dict of 0-d tensors with the weighted sum under "loss".
 
@@ -52,17 +52,19 @@ class DistillTrainer(Trainer):
     """Trainer(model=student, args, train_dataset, data_collator, ..., method=Method)."""
 
     def __init__(self, *args, method: Method, teacher_dtype: torch.dtype | None = None, warmup_ratio: float = 0.0,
-                 **kwargs):
+                 place_frozen=None, **kwargs):
         kwargs.setdefault("callbacks", [])
         kwargs["callbacks"] = [*kwargs["callbacks"], _FiniteGuard(self)]
         super().__init__(*args, **kwargs)
         self.warmup_ratio = warmup_ratio
         self.args.logging_nan_inf_filter = False  # one non-finite check per step: ours (it stops, not skips)
-        self.method = method.to(self.args.device)
         for module in method.frozen():
             module.eval().requires_grad_(False)
             if teacher_dtype is not None:
                 module.to(teacher_dtype)
+        # place_frozen(module, trainer) -> True when it placed the module itself (sharded, offloaded: fsdp.py)
+        placed = [m for m in method.frozen() if place_frozen is not None and place_frozen(m, self)]
+        self.method = _to_device(method, self.args.device, keep=placed)
         self.extra_params = [p for m in method.trainable().values() for p in m.parameters()]
         self.loss_is_scaled_for_ga = False  # our losses are means: let the Trainer divide by the accumulation
         self._sums: dict[str, torch.Tensor] = {}
@@ -173,6 +175,18 @@ class DistillTrainer(Trainer):
             saved = torch.load(path, map_location=self.args.device, weights_only=True)
             for k, m in self.method.trainable().items():
                 m.load_state_dict(saved[k])
+
+
+def _to_device(method: Method, device, keep: list[nn.Module]) -> Method:
+    """`method.to(device)`, leaving the `keep` children where they were placed (a sharded or offloaded teacher)."""
+    kept = {name: m for name, m in method._modules.items() if any(m is k for k in keep)}
+    for name in kept:
+        del method._modules[name]
+    try:
+        method.to(device)
+    finally:
+        method._modules.update(kept)
+    return method
 
 
 class _FiniteGuard(TrainerCallback):
