@@ -1,0 +1,256 @@
+"""`--streaming` (streaming.py): the streamed corpus gives the map-style path's texts and examples, repeats
+(reshuffled per pass), refuses bad input before any model loads, and resumes after a kill with the
+uninterrupted run's examples, step by step, and weights; map-style resume is checked the same way.
+
+Oracles: `read_texts` / `TokenizedTexts` (the map-style reader and tokenization, independent code
+paths) for what a stream holds; an uninterrupted run for what a resumed run must see and reach.
+"""
+
+import json
+
+import datasets
+import pytest
+import torch
+import transformers as tf
+from conftest import save_bert_teacher
+from safetensors.torch import load_file
+from torch.utils.data import IterableDataset
+from transformers import TrainerCallback
+
+from applications.distill import run as run_module
+from applications.distill.cli import main
+from applications.distill.config import DistillConfig
+from applications.distill.corpus import make_corpus
+from applications.distill.data import TokenizedTexts, read_texts
+from applications.distill.errors import DataError, DistillConfigError
+from applications.distill.run import train
+from applications.distill.streaming import StreamedCorpus, StreamedTexts
+from applications.distill.trainer import DistillTrainer
+
+tf.logging.set_verbosity_error()
+datasets.disable_progress_bars()
+
+N_TRAIN = 10  # few lines: a 6-step run of 2 x 3 examples a step goes through the corpus 3.6 times
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny saved BERT teacher with its tokenizer and a 10-line training file (with blank lines)."""
+    root = tmp_path_factory.mktemp("stream")
+    texts = make_corpus(40, seed=4)
+    (root / "train.txt").write_text("\n".join(texts[:5]) + "\n\n   \n" + "\n".join(texts[5:N_TRAIN]) + "\n")
+    save_bert_teacher(root / "teacher", texts, 120, layers=2)
+    return root, texts
+
+
+def _cfg(root, out, **kw):
+    base = {"teacher": str(root / "teacher"), "train_file": str(root / "train.txt"), "output_dir": str(out),
+            "student_layers": 1, "batch_size": 3, "grad_accum": 2, "max_steps": 6, "save_steps": 3,
+            "logging_steps": 1, "progress": False, "plot": False}
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _tokenizer(root):
+    return tf.AutoTokenizer.from_pretrained(root / "teacher")
+
+
+# -- what a stream holds ------------------------------------------------------------------------------
+def _corpora(tmp_path, texts):
+    """The same records as a .txt, a .jsonl with another column name, a saved Dataset and DatasetDict."""
+    records = [texts[0], "", "  " + texts[1] + "  ", texts[2], "   ", texts[3]]
+    (tmp_path / "c.txt").write_text("\n".join(records) + "\n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": r, "n": i}) + "\n" for i, r in enumerate(records)))
+    datasets.Dataset.from_dict({"body": records}).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": records})}).save_to_disk(str(tmp_path / "dd"))
+    return [(tmp_path / "c.txt", "text"), (tmp_path / "c.jsonl", "body"), (tmp_path / "saved", "body"),
+            (tmp_path / "dd", "body")]
+
+
+def test_a_stream_holds_the_texts_read_texts_reads(setup, tmp_path):
+    root, texts = setup
+    for path, column in _corpora(tmp_path, texts):
+        expected = read_texts(str(path), column)
+        corpus = StreamedCorpus(str(path), column)
+        assert list(corpus) == expected == [texts[0], texts[1], texts[2], texts[3]], path
+        # idx: the position among non-empty records, the index read_texts gives
+        assert [r["idx"] for r in corpus.iter_records()] == [0, 1, 2, 3]
+
+
+def test_streamed_examples_are_the_map_style_examples(setup):
+    """Tokenization, truncation, the min-length rule, their counts and the masking token counts equal
+    `TokenizedTexts`' on the same file (max_length 20 truncates some lines, min_length 16 drops some)."""
+    root, _ = setup
+    tok = _tokenizer(root)
+    path = str(root / "train.txt")
+    texts = read_texts(path)
+    mapped = TokenizedTexts(texts, tok, max_length=20, min_length=16, source=path)
+    assert mapped.dropped > 0 and mapped.truncated > 0  # the rules are exercised
+    streamed = StreamedTexts(StreamedCorpus(path), tok, max_length=20, min_length=16)
+    assert streamed.examples is None  # counts are known after one pass only
+    one = list(streamed.one_pass(0))
+    assert [e["input_ids"] for e in one] == mapped.examples
+    assert (streamed.examples, streamed.dropped, streamed.truncated) == (len(mapped), mapped.dropped,
+                                                                         mapped.truncated)
+    # each example's idx names its text: tokenizing texts[idx] by hand gives its ids
+    for e in one:
+        assert e["input_ids"] == tok(texts[e["idx"]], truncation=True, max_length=20)["input_ids"]
+    assert torch.equal(streamed.token_counts(len(tok)), mapped.token_counts(len(tok)))
+
+
+def test_the_stream_repeats_and_each_pass_is_reshuffled(setup):
+    root, _ = setup
+    tok = _tokenizer(root)
+    corpus = StreamedCorpus(str(root / "train.txt"))
+    n = len(read_texts(str(root / "train.txt")))
+
+    def first(ds, k):
+        it = iter(ds)
+        return [next(it)["idx"] for _ in range(k)]
+
+    plain = first(StreamedTexts(corpus, tok, 64), 3 * n)
+    assert plain == list(range(n)) * 3  # file order, pass after pass: the Trainer never sees an end
+    shuffled = first(StreamedTexts(corpus, tok, 64, shuffle_buffer=4, seed=1), 3 * n)
+    passes = [shuffled[i * n:(i + 1) * n] for i in range(3)]
+    assert all(sorted(p) == list(range(n)) for p in passes)  # each pass: every example once
+    assert passes[0] != plain[:n] and len({tuple(p) for p in passes}) > 1  # shuffled, and anew each pass
+    assert first(StreamedTexts(corpus, tok, 64, shuffle_buffer=4, seed=1), 3 * n) == shuffled  # deterministic
+
+
+# -- bad input, before any model loads ---------------------------------------------------------------------
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading any model fails the test: errors must come before."""
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the data error")
+    monkeypatch.setattr(run_module, "load_lm", refuse)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("e.txt", b"", "holds no text"),
+    ("e.txt", b"\n  \n", "holds no text"),
+    ("u.txt", b"\xff\xfe\x00bad", "cannot (open|read) data file"),
+    ("s.txt", b"a\nb\nc\n", "shorter than 4 tokens"),
+    ("c.jsonl", b'{"txt": "x"}\n', "has no 'text' field"),
+    ("n.jsonl", b'{"text": "a b c d e"}\n{"text": null}\n', "has no 'text' field"),
+    ("b.jsonl", b'{"text": "a b c d e"}\n{"text": "f g h"}\nnot json\n', "cannot (open|read) data file"),
+    ("e.jsonl", b"", "holds no text"),
+])
+def test_bad_streamed_data_fails_before_any_model_loads(setup, tmp_path, no_models, name, content, message):
+    root, _ = setup
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        train(_cfg(root, tmp_path / "o", train_file=str(path), streaming=True))
+    with pytest.raises(DataError, match="does not exist"):
+        train(_cfg(root, tmp_path / "o", train_file=str(tmp_path / "missing.txt"), streaming=True))
+    (tmp_path / "notds").mkdir()
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        train(_cfg(root, tmp_path / "o", train_file=str(tmp_path / "notds"), streaming=True))
+
+
+def test_saved_dataset_without_the_column_is_refused(setup, tmp_path, no_models):
+    root, _ = setup
+    datasets.Dataset.from_dict({"body": ["a b c d e f"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match="has no column 'text'"):
+        train(_cfg(root, tmp_path / "o", train_file=str(tmp_path / "saved"), streaming=True))
+
+
+def test_options_streaming_cannot_serve_are_refused(setup, tmp_path, capsys):
+    root, _ = setup
+    with pytest.raises(DistillConfigError, match="--streaming needs --max-steps"):
+        _cfg(root, tmp_path / "o", streaming=True, max_steps=None)
+    with pytest.raises(DistillConfigError, match="--teacher-logits cannot be combined with --streaming"):
+        _cfg(root, tmp_path / "o", streaming=True, teacher_logits=str(tmp_path))
+    with pytest.raises(DistillConfigError, match="give --streaming too"):
+        _cfg(root, tmp_path / "o", shuffle_buffer=100)
+    with pytest.raises(DistillConfigError, match="must be >= 0"):
+        _cfg(root, tmp_path / "o", streaming=True, shuffle_buffer=-1)
+    code = main(["train", "--teacher", str(root / "teacher"), "--train-file", str(root / "train.txt"),
+                 "--output-dir", str(tmp_path / "cli"), "--streaming"])
+    assert code == 2 and "--streaming needs --max-steps" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+
+# -- what the Trainer gets ----------------------------------------------------------------------------------
+class SeenDataset(TrainerCallback):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        self.dataset = train_dataloader.dataset
+
+
+def test_the_streaming_path_never_reads_the_whole_file_and_hands_the_trainer_a_stream(setup, tmp_path, monkeypatch):
+    root, _ = setup
+
+    def whole_file(*a, **k):
+        raise AssertionError("read_texts read the training file whole")
+    monkeypatch.setattr(run_module, "read_texts", whole_file)
+    seen = SeenDataset()
+    summary = train(_cfg(root, tmp_path / "o", streaming=True, objectives="ce,mlm", max_steps=2), callbacks=[seen])
+    assert isinstance(seen.dataset, IterableDataset) and isinstance(seen.dataset, StreamedTexts)
+    assert not hasattr(seen.dataset, "__len__")
+    assert summary["global_step"] == 2 and summary["data"]["streaming"] is True
+    # the masked-LM token counts took one pass: its counts are known from the start
+    assert summary["data"]["examples"] == len(read_texts(str(root / "train.txt"))) == N_TRAIN
+
+
+# -- resume after a kill --------------------------------------------------------------------------------------
+class Crash(TrainerCallback):
+    """Simulates a killed run: raises when step `at` begins (after the checkpoint of the step before)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """Every training micro-batch's (optimizer step, idx, input_ids), in order, across train() calls."""
+    seen: list[tuple[int, list[int], list[list[int]]]] = []
+    original = DistillTrainer.compute_loss
+
+    def recording(self, model, inputs, *a, **k):
+        if model.training:
+            seen.append((self.state.global_step, list(inputs["idx"]), inputs["input_ids"].tolist()))
+        return original(self, model, inputs, *a, **k)
+    monkeypatch.setattr(DistillTrainer, "compute_loss", recording)
+    return seen
+
+
+def _resume_matches(root, tmp_path, record, **kw):
+    whole = train(_cfg(root, tmp_path / "whole", **kw))
+    uninterrupted = list(record)
+    record.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(root, tmp_path / "cut", **kw), callbacks=[Crash(4)])
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "model.safetensors").exists()
+    before_kill = list(record)
+    record.clear()
+    resumed = train(_cfg(root, tmp_path / "cut", resume="latest", **kw))
+    after = list(record)
+    assert whole["global_step"] == resumed["global_step"] == 6
+    # steps 0..3 ran before the kill (the step-3 checkpoint came after step 3's update, i.e. at global step 3);
+    # the resumed run trains steps 3..5 on exactly the batches the uninterrupted run trained them on
+    assert before_kill == [r for r in uninterrupted if r[0] < 4]
+    assert after == [r for r in uninterrupted if r[0] >= 3]
+    idx = [i for r in uninterrupted for i in r[1]]
+    assert len(set(idx)) < len(idx)  # the run went through the corpus more than once
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" /
+                                                                                  "model.safetensors"))
+    start = load_file(str(tmp_path / "cut" / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # steps 4..6 changed the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    return uninterrupted
+
+
+def test_streamed_resume_continues_from_the_right_example(setup, tmp_path, record):
+    seen = _resume_matches(setup[0], tmp_path, record, streaming=True, shuffle_buffer=4)
+    # a stream repeats across the end of the corpus inside one batch: every micro-batch is full
+    assert len(seen) == 6 * 2 and all(len(r[1]) == 3 for r in seen)
+
+
+def test_map_style_resume_continues_from_the_right_example(setup, tmp_path, record):
+    _resume_matches(setup[0], tmp_path, record)
