@@ -254,3 +254,38 @@ def test_streamed_resume_continues_from_the_right_example(setup, tmp_path, recor
 
 def test_map_style_resume_continues_from_the_right_example(setup, tmp_path, record):
     _resume_matches(setup[0], tmp_path, record)
+
+
+# -- two processes ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_streaming_processes_see_distinct_examples_and_match_one_with_accumulation(setup, tmp_path):
+    """torchrun, 2 gloo CPU processes, batch 3 each, vs 1 process with 2 accumulated batches of 3: the same
+    weights. accelerate's IterableDatasetShard gives process p the p-th batch of every window of 2 batches,
+    the examples one process accumulates in a step; processes reading the same examples (or the stream
+    restarting) would change the gradients. A hang still ends (timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    root, texts = setup
+    # dropout off: each process has its own dropout stream
+    save_bert_teacher(tmp_path / "teacher", texts, 120, layers=2, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    common = ["train", "--teacher", str(tmp_path / "teacher"), "--train-file", str(root / "train.txt"), "--streaming",
+              "--shuffle-buffer", "4", "--student-layers", "1", "--batch-size", "3", "--max-steps", "3",
+              "--save-steps", "100", "--no-progress", "--no-plot", "--objectives", "ce,mlm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
+                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "applications.distill", *common, "--grad-accum", "1", "--output-dir",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" /
+                                                                                "model.safetensors"))
+    start = load_file(str(tmp_path / "teacher" / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
