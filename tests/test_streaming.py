@@ -172,6 +172,35 @@ def test_options_streaming_cannot_serve_are_refused(setup, tmp_path, capsys):
     assert not (tmp_path / "cli").exists()
 
 
+def test_a_read_error_later_in_the_stream_is_a_data_error(setup):
+    """Past the first read chunk (10 MB) a parse error surfaces while training; it is a DataError too."""
+    import pyarrow as pa
+
+    root, _ = setup
+    corpus = StreamedCorpus(str(root / "train.txt"))
+
+    def breaks_after_two():
+        yield from ({"text": "a b", "idx": i} for i in range(2))
+        raise pa.ArrowInvalid("JSON parse error: Invalid value. in row 7")
+    with pytest.raises(DataError, match="cannot read data file .*row 7"):
+        list(corpus.iter_records(breaks_after_two()))
+
+
+def test_a_causal_teacher_without_tokenizer_gets_one_trained_on_the_stream(setup, tmp_path):
+    from applications.distill.data import train_tokenizer
+
+    root, _ = setup
+    torch.manual_seed(0)
+    teacher = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=16, n_layer=2, n_head=2, n_positions=64))
+    teacher.save_pretrained(tmp_path / "gpt2")  # no tokenizer: one is trained on the data
+    summary = train(_cfg(root, tmp_path / "out", teacher=str(tmp_path / "gpt2"), max_steps=2, objectives="ce,clm",
+                         streaming=True))
+    assert summary["causal"] and summary["global_step"] == 2
+    trained = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
+    # the same tokenizer as one trained on the whole file read at once (same texts, same order)
+    assert trained.get_vocab() == train_tokenizer(read_texts(str(root / "train.txt")), 300, causal=True).get_vocab()
+
+
 # -- what the Trainer gets ----------------------------------------------------------------------------------
 class SeenDataset(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):

@@ -98,7 +98,7 @@ class StreamedCorpus:
 
     def _non_empty(self, record: dict) -> bool:
         if self.text_column not in record or record[self.text_column] is None:
-            raise DataError(f"{self.path}: a record has no '{self.text_column}' field (record: {record})")
+            raise DataError(f"{self.path}: a record has no '{self.text_column}' field (record: {str(record)[:200]})")
         return bool(str(record[self.text_column]).strip())
 
     def iter_records(self, records=None) -> Iterator[dict]:
@@ -202,10 +202,17 @@ class StreamedTexts(IterableDataset):
         """How often each vocabulary id occurs in one pass (for the count^-0.7 masking weights): one
         streaming pass, a vocabulary-sized counter in memory."""
         counts = torch.zeros(vocab_size, dtype=torch.long)
+        chunk: list[int] = []
         for example in self.one_pass(0):
-            counts += torch.bincount(torch.tensor(example["input_ids"], dtype=torch.long), minlength=vocab_size
-                                     )[:vocab_size]
-        return counts
+            chunk += example["input_ids"]
+            if len(chunk) >= 1 << 16:
+                counts += self._bincount(chunk, vocab_size)
+                chunk = []
+        return counts + self._bincount(chunk, vocab_size)
+
+    @staticmethod
+    def _bincount(ids: list[int], vocab_size: int) -> torch.Tensor:
+        return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
 
 
 def streaming_arguments(cfg) -> dict:
