@@ -68,7 +68,7 @@ def _corpora(tmp_path, texts):
 
 
 def test_a_stream_holds_the_texts_read_texts_reads(setup, tmp_path):
-    root, texts = setup
+    _, texts = setup
     for path, column in _corpora(tmp_path, texts):
         expected = read_texts(str(path), column)
         corpus = StreamedCorpus(str(path), column)
@@ -204,7 +204,7 @@ def test_a_causal_teacher_without_tokenizer_gets_one_trained_on_the_stream(setup
 # -- what the Trainer gets ----------------------------------------------------------------------------------
 class SeenDataset(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
-        self.dataset = train_dataloader.dataset
+        self.dataset, self.dispatch = train_dataloader.dataset, args.accelerator_config.dispatch_batches
 
 
 def test_the_streaming_path_never_reads_the_whole_file_and_hands_the_trainer_a_stream(setup, tmp_path, monkeypatch):
@@ -217,6 +217,8 @@ def test_the_streaming_path_never_reads_the_whole_file_and_hands_the_trainer_a_s
     summary = train(_cfg(root, tmp_path / "o", streaming=True, objectives="ce,mlm", max_steps=2), callbacks=[seen])
     assert isinstance(seen.dataset, IterableDataset) and isinstance(seen.dataset, StreamedTexts)
     assert not hasattr(seen.dataset, "__len__")
+    # under torchrun each process reads its own share (process 0 cannot concatenate our padded batches)
+    assert seen.dispatch is False
     assert summary["global_step"] == 2 and summary["data"]["streaming"] is True
     # the masked-LM token counts took one pass: its counts are known from the start
     assert summary["data"]["examples"] == len(read_texts(str(root / "train.txt"))) == N_TRAIN

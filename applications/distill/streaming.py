@@ -31,6 +31,9 @@ logger = logging.getLogger("applications.distill")
 
 #: Records tokenized per `IterableDataset.map` call (memory is bounded by this, not the corpus).
 MAP_BATCH = 1000
+#: Bytes of a .txt / .jsonl file the `datasets` builders read and parse at a time (their default, 10 MB,
+#: held about 85 MB of Python strings and Arrow buffers at a time; docs/benchmarks.md).
+READ_CHUNK = 1 << 20
 
 
 def check_streaming_options(cfg) -> None:
@@ -72,7 +75,7 @@ def _open(path: str, text_column: str):
         return ds.select_columns([text_column]).to_iterable_dataset(num_shards=1)
     builder = "json" if p.suffix in (".jsonl", ".json") else "text"
     try:
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True)
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True, chunksize=READ_CHUNK)
     except StopIteration:  # the json builder found no record to infer the columns from
         raise DataError(f"data file {path!r} holds no text (no non-empty line or record)") from None
     except Exception as e:
