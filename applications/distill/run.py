@@ -70,7 +70,7 @@ def training_arguments(cfg: DistillConfig, drop_last: bool = False) -> TrainingA
         save_strategy="steps", save_steps=cfg.save_steps, report_to=["tensorboard"], seed=cfg.seed,
         data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        **precision_and_eval(cfg), **streaming_arguments(cfg),
+        **precision_and_eval(cfg),
     )
 
 
@@ -82,6 +82,7 @@ def precision_and_eval(cfg) -> dict:
            "logging_nan_inf_filter": False, "prediction_loss_only": True}
     if cfg.eval_file and cfg.eval_steps:
         out.update(eval_strategy="steps", eval_steps=cfg.eval_steps, per_device_eval_batch_size=cfg.batch_size)
+    out.update(streaming_arguments(cfg))  # --streaming: how processes share the stream (streaming.py)
     return out
 
 
