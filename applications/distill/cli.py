@@ -47,6 +47,9 @@ HELP = {
                             "(never the teacher's or student's directory)",
     "vocab_size": "vocabulary of a tokenizer trained when the teacher has none", "text_column": "jsonl/dataset text field",
     "progress": "show a progress bar", "plot": "write loss_curve.png at the end",
+    "streaming": "stream --train-file through `datasets` (constant memory; needs --max-steps; the corpus repeats "
+                 "until then); not with --teacher-logits",
+    "shuffle_buffer": "with --streaming: shuffle within a buffer of N examples, reshuffled each pass (0: file order)",
     "bf16": "bf16 autocast (CPU or GPU)", "fp16": "fp16 autocast with loss scaling (GPU; bf16 autocast on a CPU)",
     "teacher_dtype": "the frozen teacher's dtype: float32, bfloat16 or float16 (default: as loaded)",
     "teacher_logits": "train from the teacher logits the teacher-logits command wrote there (objectives ce, clm, "

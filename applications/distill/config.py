@@ -102,6 +102,8 @@ class DistillConfig:
     overwrite_output_dir: bool = False  # replace the previous run's files in a non-empty output_dir
     vocab_size: int | None = None  # for a tokenizer trained when the teacher has none
     text_column: str = "text"
+    streaming: bool = False  # read --train-file as a stream (streaming.py): constant memory, needs --max-steps
+    shuffle_buffer: int = 0  # with --streaming: shuffle within a buffer of this many examples (0: file order)
     progress: bool = True
     plot: bool = True
     bf16: bool = False  # bf16 autocast (CPU and GPU)
@@ -159,6 +161,9 @@ class DistillConfig:
             raise DistillConfigError("--teacher-offload moves a live teacher; with --teacher-logits there is none "
                                      "(drop one of them)")
         weights = self.weights  # raises on an unknown objective or a bad weight
+        from .streaming import check_streaming_options
+
+        check_streaming_options(self)
         if ("diito" in weights or "diito_cos" in weights) and self.batch_size < 2:
             raise DistillConfigError(
                 f"the counterfactual objectives (diito, diito_cos) swap each example's span with another example "

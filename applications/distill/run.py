@@ -26,6 +26,7 @@ from .methods import LMDistillation
 from .models import enable_cache, ensure_pad, is_causal_lm, load_lm, load_tokenizer, max_tokens
 from .output_dir import RUN_FILE, begin_run, claim_output_dir
 from .plot import plot_losses
+from .streaming import StreamedCorpus, StreamedTexts, streaming_arguments
 from .student import build_student, check_compatible, num_layers
 from .trainer import CSVLogCallback, DistillTrainer
 
@@ -83,6 +84,7 @@ def precision_and_eval(cfg) -> dict:
            "logging_nan_inf_filter": False, "prediction_loss_only": True}
     if cfg.eval_file and cfg.eval_steps:
         out.update(eval_strategy="steps", eval_steps=cfg.eval_steps, per_device_eval_batch_size=cfg.batch_size)
+    out.update(streaming_arguments(cfg))  # --streaming: how processes share the stream (streaming.py)
     return out
 
 
@@ -138,7 +140,9 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     if cfg.train_file is None:
         raise DistillConfigError("training data is needed: --train-file FILE (.txt, .jsonl or a saved dataset)")
     resume = _claim(cfg)  # the output directory is checked before anything is loaded or written
-    texts = read_texts(cfg.train_file, cfg.text_column)  # bad data fails before any model is loaded
+    # bad data fails before any model is loaded (a streamed corpus: its first record is read)
+    texts = StreamedCorpus(cfg.train_file, cfg.text_column) if cfg.streaming else read_texts(cfg.train_file,
+                                                                                              cfg.text_column)
     eval_texts = read_texts(cfg.eval_file, cfg.text_column) if cfg.eval_file else None
     # From the configs and the tokenizer, before any weights load: kinds, vocabularies, layers, objectives, data.
     t_config, s_config, tokenizer = check_sources(cfg, teacher, tokenizer)
@@ -159,17 +163,22 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     pairs = tuple(aligned_pairs(cfg.alignment, n_student, n_teacher)) if objectives.counterfactual else ()
     min_len, why = min_tokens(causal, cfg.span_fraction if pairs else None)
     max_length = min(max_tokens(t_config, cfg.max_length), max_tokens(s_config or t_config, cfg.max_length))
-    dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file, why=why)
+    if cfg.streaming:
+        dataset = StreamedTexts(texts, tokenizer, max_length, min_len, cfg.shuffle_buffer, cfg.seed, why=why)
+    else:
+        dataset = TokenizedTexts(texts, tokenizer, max_length, min_len, source=cfg.train_file, why=why)
     _log_data(dataset)
     if offline:
         manifest.check(tokenizer, texts, max_length, cfg.text_column, cfg.train_file)
         dataset = tl.OfflineTeacherLogits(dataset, cfg.teacher_logits, manifest)
     per_step = cfg.batch_size * _world_size()
-    if pairs and len(dataset) < per_step:
-        raise DataError(f"{cfg.train_file}: {len(dataset)} usable examples, fewer than one batch ({per_step}); the "
+    usable = len(dataset.first(per_step) if cfg.streaming else dataset)  # a stream: a bounded peek
+    if pairs and usable < per_step:
+        raise DataError(f"{cfg.train_file}: {usable} usable examples, fewer than one batch ({per_step}); the "
                         "counterfactual objectives need full batches. Give more text or a smaller batch size.")
     # a batch of 1 has no other example to swap with: counterfactual runs drop a last batch that would be one
-    drop_last = bool(pairs) and (_world_size() > 1 or len(dataset) % cfg.batch_size == 1)
+    # (a stream repeats endlessly: every batch is full)
+    drop_last = bool(pairs) and not cfg.streaming and (_world_size() > 1 or len(dataset) % cfg.batch_size == 1)
     if not causal and tokenizer.mask_token_id is None:
         raise DistillConfigError("masked-LM distillation needs a tokenizer with a mask token")
     torch.manual_seed(cfg.seed)
@@ -219,7 +228,8 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
                "train_loss": train_loss, "objectives": weights, "causal": causal,
                "student_layers": num_layers(student), "teacher_layers": num_layers(teacher),
-               "data": {"examples": len(dataset), "dropped_short": dataset.dropped, "truncated": dataset.truncated}}
+               "data": dataset.summary() if cfg.streaming else
+               {"examples": len(dataset), "dropped_short": dataset.dropped, "truncated": dataset.truncated}}
     if fsdp is not None:
         summary["fsdp"] = fsdp
     enable_cache(student)
