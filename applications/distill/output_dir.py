@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 from .errors import DistillConfigError
 
