@@ -269,3 +269,19 @@ def test_demo_corpus_is_deterministic_and_agrees_in_number():
         assert (noun in NOUNS) == (verb in singular_verbs), sentence
         checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_tokenized_texts_in_chunks_equal_each_text_tokenized_alone(monkeypatch, chunk):
+    """Chunked tokenization (data.TOKENIZE_CHUNK) keeps, drops and counts exactly as tokenizing each text alone."""
+    from applications.distill import data
+    from applications.distill.corpus import make_corpus
+
+    texts = make_corpus(40, seed=3)
+    tok = data.train_tokenizer(texts, 120, causal=False)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", chunk)
+    got = data.TokenizedTexts(texts, tok, max_length=30, min_length=15)
+    alone = [tok(t, truncation=True, max_length=30)["input_ids"] for t in texts]
+    assert got.examples == [ids for ids in alone if len(ids) >= 15]
+    assert got.dropped == sum(len(ids) < 15 for ids in alone) > 0
+    assert got.truncated == sum(len(tok(t)["input_ids"]) > 30 for t in texts) > 0

@@ -65,6 +65,10 @@ def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
     return list(ds[text_column])
 
 
+#: Texts per tokenizer call: whole-corpus calls peak at several times the ids' own size.
+TOKENIZE_CHUNK = 1000
+
+
 class TokenizedTexts(Dataset):
     """Token id lists with their dataset index; `min_length` drops shorter examples (counted in `dropped`),
     and `truncated` counts the examples cut to `max_length` tokens."""
@@ -72,12 +76,16 @@ class TokenizedTexts(Dataset):
     def __init__(self, texts: Sequence[str], tokenizer, max_length: int, min_length: int = 1, source: str = "data",
                  why: str = "the interchange span needs that many"):
         texts = list(texts)
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        full = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         extra = tokenizer.num_special_tokens_to_add()
-        self.truncated = sum(len(ids) + extra > max_length for ids in full)
-        self.examples = [ids for ids in encoded if len(ids) >= min_length]
-        self.dropped = len(encoded) - len(self.examples)
+        self.examples, self.truncated, total = [], 0, 0
+        for start in range(0, len(texts), TOKENIZE_CHUNK):  # in chunks: the tokenizer's own buffers stay small
+            chunk = texts[start:start + TOKENIZE_CHUNK]
+            encoded = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+            full = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+            self.truncated += sum(len(ids) + extra > max_length for ids in full)
+            self.examples += [ids for ids in encoded if len(ids) >= min_length]
+            total += len(encoded)
+        self.dropped = total - len(self.examples)
         self.min_length, self.max_length, self.source = min_length, max_length, source
         if not self.examples:
             raise DataError(
