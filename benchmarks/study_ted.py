@@ -566,6 +566,11 @@ def main(argv=None, log=print) -> dict:
     import transformers as tf
 
     tf.utils.logging.disable_progress_bar()  # no weight-loading bars in the study's log
+    import gc
+
+    from applications.distill.ted import stages  # noqa: F401  (the heavy imports, once, before the freeze)
+
+    gc.freeze()  # every Trainer's teardown runs gc.collect(); without the freeze it walks all of transformers
     if a.threads:
         torch.set_num_threads(a.threads)
     work.mkdir(parents=True, exist_ok=True)
