@@ -48,10 +48,12 @@ HEADING = "## TED vs KD vs LWD on SST-2 (`benchmarks/study_ted.py`)"
 NAME = "study_ted"
 METHODS = ("kd", "lwd", "ted")
 SETTINGS = ("pretrained", "from_teacher", "random")  # the order they run in: the paper's premise first
-LABELS = {"pretrained": "pre-trained student (2 layers, width 64, MLM on WikiText-2 first)",
-          "from_teacher": "student from the teacher's blocks 0, 2 (2 layers, width 128)",
-          "random": "random-init student (2 layers, width 64)"}
-SHORT = {"pretrained": "pre-trained w64", "from_teacher": "from teacher w128", "random": "random w64"}
+
+
+def short(setting: str, size: Size) -> str:
+    """The setting's name in tables and plots, with the student's width."""
+    width = size.teacher_width if setting == "from_teacher" else size.student_width
+    return {"pretrained": "pre-trained", "from_teacher": "from teacher", "random": "random"}[setting] + f" w{width}"
 
 
 @dataclass(frozen=True)
@@ -366,26 +368,27 @@ def pct(values) -> list[float]:
     return [100 * v for v in values]
 
 
-def accuracy_table(rows: dict, teacher: dict, seeds) -> str:
+def accuracy_table(rows: dict, teacher: dict, seeds, size: Size) -> str:
     lines = ["| student | method | SST-2 dev accuracy % per seed (" + ", ".join(map(str, seeds)) + ") | mean ± std |",
              "| --- | --- | --- | --- |"]
     if teacher:
-        lines.append(f"| teacher (4 layers, width 128, MLM-pre-trained, fine-tuned) | — | "
+        lines.append(f"| teacher ({size.teacher_layers} layers, width {size.teacher_width}, MLM-pre-trained, "
+                     "fine-tuned) | — | "
                      f"{100 * teacher['accuracy']:.2f} | — |")
     for st, by_method in rows.items():
         if not any(by_method.values()):
             continue
         init = [r["init_accuracy"] for r in by_method.get("kd", {}).values()]
-        lines.append(f"| {SHORT[st]} | before distillation | " + ", ".join(f"{100 * v:.2f}" for v in init)
+        lines.append(f"| {short(st, size)} | before distillation (new head) | " + ", ".join(f"{100 * v:.2f}" for v in init)
                      + f" | {mean_std(pct(init))} |")
         for m, runs in by_method.items():
             vals = [runs[s]["accuracy"] for s in seeds if s in runs]
             per = ", ".join(f"{100 * runs[s]['accuracy']:.2f}" if s in runs else "—" for s in seeds)
-            lines.append(f"| {SHORT[st]} | {m.upper()} | {per} | **{mean_std(pct(vals))}** |")
+            lines.append(f"| {short(st, size)} | {m.upper()} | {per} | **{mean_std(pct(vals))}** |")
     return "\n".join(lines)
 
 
-def delta_table(rows: dict, seeds) -> str:
+def delta_table(rows: dict, seeds, size: Size) -> str:
     pairs = (("lwd", "kd"), ("ted", "kd"), ("ted", "lwd"))
     lines = ["| student | " + " | ".join(f"{a.upper()} − {b.upper()} (points; per seed; mean ± std)" for a, b in pairs)
              + " |", "| --- | --- | --- | --- |"]
@@ -396,11 +399,11 @@ def delta_table(rows: dict, seeds) -> str:
         for a, b in pairs:
             d = pct(paired(by_method[a], by_method[b], "accuracy"))
             cells.append(", ".join(f"{x:+.2f}" for x in d) + f"; **{mean_std(d, '+.2f')}**" if d else "—")
-        lines.append(f"| {SHORT[st]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {short(st, size)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def filter_table(rows: dict, t_filters: dict, seeds) -> str:
+def filter_table(rows: dict, t_filters: dict, seeds, size: Size) -> str:
     lines = ["| model | filter on block | SST-2 dev accuracy % of filter + head (per seed) | mean ± std |",
              "| --- | --- | --- | --- |"]
     if t_filters:
@@ -413,12 +416,12 @@ def filter_table(rows: dict, t_filters: dict, seeds) -> str:
         layers = next(iter(ted.values()))["filter_layers"]
         for i, layer in enumerate(layers):
             vals = [ted[s]["filter_accuracy"][i] for s in seeds if s in ted]
-            lines.append(f"| {SHORT[st]} (TED's stage 1, student frozen at its init) | {layer} | "
+            lines.append(f"| {short(st, size)} (TED's stage 1, student frozen at its init) | {layer} | "
                          + ", ".join(f"{100 * v:.2f}" for v in vals) + f" | {mean_std(pct(vals))} |")
     return "\n".join(lines)
 
 
-def plot(rows: dict, teacher: dict, t_filters: dict, path: Path) -> Path | None:
+def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size) -> Path | None:
     """Left: dev accuracy per setting and method (mean ± std, each seed a dot). Right: filter accuracy per block."""
     import matplotlib
 
@@ -441,7 +444,7 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path) -> Path | None:
                         fmt="o", ms=8, capsize=5, color=colors[m], zorder=3, label=m.upper() if i == 0 else None)
     if teacher:
         ax.axhline(100 * teacher["accuracy"], color="k", ls="--", lw=1, label=f"teacher {100 * teacher['accuracy']:.2f}")
-    ax.set_xticks(range(len(shown)), [SHORT[s] for s in shown])
+    ax.set_xticks(range(len(shown)), [short(s, size) for s in shown])
     ax.set_ylabel("SST-2 dev accuracy %")
     ax.set_title("students after distillation: mean ± std (large), each seed (small)", fontsize=10)
     ax.legend(fontsize=8)
@@ -459,7 +462,7 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path) -> Path | None:
         layers = next(iter(ted.values()))["filter_layers"]
         for i, layer in enumerate(layers):
             vals = [100 * r["filter_accuracy"][i] for r in ted.values()]
-            names.append(f"{SHORT[st]}\nblock {layer}")
+            names.append(f"{short(st, size)}\nblock {layer}")
             means.append(statistics.mean(vals))
             errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
     bx.bar(range(len(names)), means, yerr=errs, capsize=4,
@@ -478,6 +481,32 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path) -> Path | None:
     return path
 
 
+def unigram_perplexity(work: Path, max_length: int) -> float:
+    """Reference for the MLM perplexities: held-out perplexity of the training unigram distribution (add-one).
+
+    A masked LM that ignores context cannot beat it by much (cached in work/unigram.json)."""
+    import math
+
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    cache = work / "unigram.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["perplexity"]
+    tok = PreTrainedTokenizerFast.from_pretrained(str(work / "data" / "tokenizer"))
+    special = set(tok.all_special_ids)
+
+    def ids(name):
+        texts = (work / "data" / name).read_text(encoding="utf-8").splitlines()
+        enc = tok([t for t in texts if t.strip()], truncation=True, max_length=max_length)["input_ids"]
+        return torch.tensor([i for x in enc for i in x if i not in special])
+
+    counts = torch.bincount(ids("mlm_train.txt"), minlength=len(tok)).double() + 1
+    ppl = math.exp(float(-(counts / counts.sum())[ids("mlm_eval.txt")].log().mean()))
+    cache.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
+
+
 def timing(work: Path) -> dict:
     """Wall clock from the data's preparation to the newest finished piece; summed run seconds."""
     pieces = list(work.rglob("result.json"))
@@ -490,6 +519,7 @@ def timing(work: Path) -> dict:
 def generated_text(rows, teacher, t_filters, pre, info, size: Size, seeds, png, command, work: Path) -> str:
     import torch
 
+    unigram = unigram_perplexity(work, size.max_length)
     clock = timing(work)
     expected = len(rows) * len(METHODS) * len(seeds)
     done = sum(len(r) for by in rows.values() for r in by.values())
@@ -513,7 +543,8 @@ def generated_text(rows, teacher, t_filters, pre, info, size: Size, seeds, png, 
                    f"inputs truncated to {size.max_length} tokens."), "",
               (f"Teacher: BERT, {size.teacher_layers} layers, width {size.teacher_width}, {size.teacher_heads} "
                f"heads, MLM-pre-trained ({size.teacher_mlm_steps} steps, batch {size.batch_size}, lr {size.mlm_lr}; "
-               f"held-out perplexity {mlm.get('perplexity', float('nan')):.1f}), then fine-tuned on SST-2 "
+               f"held-out perplexity {mlm.get('perplexity', float('nan')):.1f}; the training unigram distribution "
+               f"scores {unigram:.1f} on the same tokens), then fine-tuned on SST-2 "
                f"({size.teacher_steps} steps, lr {size.teacher_lr}). Its stage-1 filters (linear, width "
                f"{size.teacher_width}, blocks 1 and 3) trained once ({size.stage1_steps} steps, lr {size.stage1_lr})."),
               "",
@@ -529,10 +560,10 @@ def generated_text(rows, teacher, t_filters, pre, info, size: Size, seeds, png, 
                f"{size.teacher_width})` on blocks 0 and 1, {size.stage1_steps} steps, student frozen. KD: task + "
                f"T²·KL; LWD: + α_MSE · MSE(projected student block, raw teacher block); TED: + α_MSE · MSE between "
                f"filtered states. No hyper-parameter was tuned for any method."), "",
-              accuracy_table(rows, teacher, seeds), "", "Paired differences (same seed: same init, same batches):", "",
-              delta_table(rows, seeds), "",
+              accuracy_table(rows, teacher, seeds, size), "", "Paired differences (same seed: same init, same batches):", "",
+              delta_table(rows, seeds, size), "",
               "Stage-1 filter accuracy (each filter with its own stage-1 head, on the frozen model's block output):",
-              "", filter_table(rows, t_filters, seeds), ""]
+              "", filter_table(rows, t_filters, seeds, size), ""]
     if png is not None:
         lines += [f"![SST-2 accuracy by setting and method; stage-1 filter accuracy]({png.name})", ""]
     return "\n".join(lines)
@@ -609,7 +640,7 @@ def main(argv=None, log=print) -> dict:
     (work / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     if a.report:
         png = Path(a.plot) if a.plot else Path(a.report).parent / "study_ted.png"
-        png = plot(rows, teacher, t_filters, png) or png
+        png = plot(rows, teacher, t_filters, png, size) or png
         shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]
         command = "python benchmarks/study_ted.py " + shlex.join(shown)
         text = generated_text(rows, teacher, t_filters, pre, info, size, a.seeds, png if png.is_file() else None,

@@ -55,8 +55,8 @@ def test_report_section_written_and_others_kept(two_runs):
     text = report.read_text()
     assert text.startswith("# Results\n\n## Someone else's study\n\nTheir text.\n")
     assert text.count(st.HEADING) == 1 and text.rstrip().endswith("my reading")
-    for short in st.SHORT.values():
-        assert f"| {short} | TED |" in text
+    for setting in st.SETTINGS:
+        assert f"| {st.short(setting, st.SMOKE)} | TED |" in text
     assert "TED − KD" in text and "Stage-1 filter accuracy" in text
     assert "**Partial study.**" not in text
     assert (report.parent / "study_ted.png").stat().st_size > 0
