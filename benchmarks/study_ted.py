@@ -77,8 +77,8 @@ class Size:
     student_heads: int = 2
     stage1_steps: int = 150
     stage1_lr: float = 1e-3
-    student_steps: int = 200
-    student_lr: float = 5e-4
+    student_steps: int = 300
+    student_lr: float = 1e-3
     batch_size: int = 32
     alpha_mse: float = 10.0
 
