@@ -421,7 +421,17 @@ def filter_table(rows: dict, t_filters: dict, seeds, size: Size) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size) -> Path | None:
+def stage1_losses(rows: dict, t_filters: dict, size: Size) -> str:
+    """One line: each model's stage-1 loss (task loss averaged over its filters), first → last logged step."""
+    parts = [f"teacher {t_filters['loss'][0]:.3f} → {t_filters['loss'][1]:.3f}"] if t_filters else []
+    for st, by_method in rows.items():
+        for s, r in sorted(by_method.get("ted", {}).items()):
+            parts.append(f"{short(st, size)} seed {s} {r['stage1_loss'][0]:.3f} → {r['stage1_loss'][1]:.3f}")
+    return ("Stage-1 loss (the task loss averaged over a model's filters, first → last logged step; ln 2 = 0.693 "
+            "is chance): " + "; ".join(parts) + ".") if parts else ""
+
+
+def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size, majority: float) -> Path | None:
     """Left: dev accuracy per setting and method (mean ± std, each seed a dot). Right: filter accuracy per block."""
     import matplotlib
 
@@ -444,6 +454,7 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size) -> 
                         fmt="o", ms=8, capsize=5, color=colors[m], zorder=3, label=m.upper() if i == 0 else None)
     if teacher:
         ax.axhline(100 * teacher["accuracy"], color="k", ls="--", lw=1, label=f"teacher {100 * teacher['accuracy']:.2f}")
+    ax.axhline(100 * majority, color="k", ls=":", lw=1, label=f"majority class ({100 * majority:.2f})")
     ax.set_xticks(range(len(shown)), [short(s, size) for s in shown])
     ax.set_ylabel("SST-2 dev accuracy %")
     ax.set_title("students after distillation: mean ± std (large), each seed (small)", fontsize=10)
@@ -462,12 +473,14 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size) -> 
         layers = next(iter(ted.values()))["filter_layers"]
         for i, layer in enumerate(layers):
             vals = [100 * r["filter_accuracy"][i] for r in ted.values()]
-            names.append(f"{short(st, size)}\nblock {layer}")
+            names.append(short(st, size).replace(" ", "\n") + f"\nblock {layer}")
             means.append(statistics.mean(vals))
             errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
     bx.bar(range(len(names)), means, yerr=errs, capsize=4,
            color=["#333" if n.startswith("teacher") else "#d62" for n in names], alpha=0.8)
-    bx.axhline(50, color="k", ls=":", lw=1, label="chance (50)")
+    bx.axhline(100 * majority, color="k", ls=":", lw=1, label=f"majority class ({100 * majority:.2f})")
+    if teacher:
+        bx.axhline(100 * teacher["accuracy"], color="k", ls="--", lw=1, label="teacher itself")
     bx.set_xticks(range(len(names)), names, fontsize=7)
     bx.set_ylim(40, 100)
     bx.set_ylabel("SST-2 dev accuracy % of filter + its head")
@@ -479,6 +492,14 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def majority_share(work: Path) -> float:
+    """The dev accuracy of always answering the most frequent dev label (what a classifier that learnt nothing scores)."""
+    from applications.distill.sst import read_labelled
+
+    _, labels = read_labelled(str(work / "data" / "sst_dev.tsv"), 2)
+    return max(labels.count(0), labels.count(1)) / len(labels)
 
 
 def unigram_perplexity(work: Path, max_length: int) -> float:
@@ -560,10 +581,11 @@ def generated_text(rows, teacher, t_filters, pre, info, size: Size, seeds, png, 
                f"{size.teacher_width})` on blocks 0 and 1, {size.stage1_steps} steps, student frozen. KD: task + "
                f"T²·KL; LWD: + α_MSE · MSE(projected student block, raw teacher block); TED: + α_MSE · MSE between "
                f"filtered states. No hyper-parameter was tuned for any method."), "",
-              accuracy_table(rows, teacher, seeds, size), "", "Paired differences (same seed: same init, same batches):", "",
+              accuracy_table(rows, teacher, seeds, size), "",
+              f"Always answering the dev set's majority class scores {100 * majority_share(work):.2f} %.", "", "Paired differences (same seed: same init, same batches):", "",
               delta_table(rows, seeds, size), "",
               "Stage-1 filter accuracy (each filter with its own stage-1 head, on the frozen model's block output):",
-              "", filter_table(rows, t_filters, seeds, size), ""]
+              "", filter_table(rows, t_filters, seeds, size), "", stage1_losses(rows, t_filters, size), ""]
     if png is not None:
         lines += [f"![SST-2 accuracy by setting and method; stage-1 filter accuracy]({png.name})", ""]
     return "\n".join(lines)
@@ -640,7 +662,7 @@ def main(argv=None, log=print) -> dict:
     (work / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     if a.report:
         png = Path(a.plot) if a.plot else Path(a.report).parent / "study_ted.png"
-        png = plot(rows, teacher, t_filters, png, size) or png
+        png = plot(rows, teacher, t_filters, png, size, majority_share(work)) or png
         shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]
         command = "python benchmarks/study_ted.py " + shlex.join(shown)
         text = generated_text(rows, teacher, t_filters, pre, info, size, a.seeds, png if png.is_file() else None,
