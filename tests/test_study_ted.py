@@ -57,7 +57,8 @@ def test_report_section_written_and_others_kept(two_runs):
     assert text.count(st.HEADING) == 1 and text.rstrip().endswith("my reading")
     for setting in st.SETTINGS:
         assert f"| {st.short(setting, st.SMOKE)} | TED |" in text
-    assert "TED − KD" in text and "Stage-1 filter accuracy" in text
+    assert "TED − KD" in text and "Stage-1 filter accuracy" in text and "Stage-1 loss" in text
+    assert "majority class scores" in text
     assert "**Partial study.**" not in text
     assert (report.parent / "study_ted.png").stat().st_size > 0
 
@@ -104,6 +105,12 @@ def test_filter_accuracy_counts_each_filters_head():
             head.out.weight.zero_()
             head.out.bias.copy_(torch.tensor([0.0, 1.0]))  # always class 1
     assert st.filter_accuracy(model, filters, data, batch_size=2) == [2 / 3, 2 / 3]
+
+
+def test_majority_share_counts_the_dev_labels(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sst_dev.tsv").write_text("sentence\tlabel\na\t1\nb\t0\nc\t1\nd\t1\n")
+    assert st.majority_share(tmp_path) == 0.75
 
 
 def test_missing_data_skips_with_a_message(tmp_path):
