@@ -285,6 +285,95 @@ def teacher_filters_piece(ctx: Context, log) -> dict:
     return cached(ctx.work / "teacher_filters", compute)[0]
 
 
+def block_features(model, data, layers: list[int], batch_size: int = 64):
+    """Per block: the first-token state (what TED's filter heads read) and the mean over non-padding tokens."""
+    import torch
+
+    from applications.distill.ted import stages as tt
+
+    model.eval()
+    collate = data.collator()
+    cls, mean = {i: [] for i in layers}, {i: [] for i in layers}
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        with torch.no_grad():
+            _, states = tt.forward_states(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, layers)
+        m = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+        for i, h in zip(layers, states):
+            cls[i].append(h[:, 0])
+            mean[i].append((h * m).sum(1) / m.sum(1))
+    return {i: (torch.cat(cls[i]), torch.cat(mean[i])) for i in layers}
+
+
+def linear_probe(x_train, y_train, x_dev, y_dev, l2: float = 1e-3, iterations: int = 200) -> float:
+    """Dev accuracy of an L2-regularised logistic regression fitted to convergence (full-batch L-BFGS, zero init,
+    features z-scored with the training statistics): how much of the task a linear read-out of the frozen features
+    can find, free of the filters' short optimisation."""
+    import torch
+    import torch.nn.functional as F
+
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xt, xd = ((x_train - mu) / sd).double(), ((x_dev - mu) / sd).double()
+    w = torch.zeros(xt.shape[1], 2, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xt @ w + b, y_train) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xd @ w + b).argmax(-1) == y_dev).double().mean())
+
+
+def probe_piece(ctx: Context, name: str, build, layers: list[int]) -> dict:
+    """Linear probes (CLS state and token mean) on each of `layers` of the frozen model `build()`; cached."""
+    import torch
+
+    def compute(out: Path) -> dict:
+        model = build()
+        tr, dv = block_features(model, ctx.train, layers), block_features(model, ctx.dev, layers)
+        ytr, ydv = torch.tensor(ctx.train.labels), torch.tensor(ctx.dev.labels)
+        return {"layers": layers,
+                "cls": [linear_probe(tr[i][0], ytr, dv[i][0], ydv) for i in layers],
+                "mean": [linear_probe(tr[i][1], ytr, dv[i][1], ydv) for i in layers]}
+
+    return cached(ctx.work / "probes" / name, compute)[0]
+
+
+PROBED = {"teacher": "teacher, fine-tuned", "teacher_mlm": "teacher, MLM only (before its fine-tune)"}
+
+
+def run_probes(ctx: Context, settings, seeds, log) -> None:
+    """Probe the teacher (before and after its fine-tune, blocks 1, 3) and each setting's student init (blocks 0, 1)."""
+    probe_piece(ctx, "teacher", lambda: load_teacher(ctx.work), [1, 3])
+    probe_piece(ctx, "teacher_mlm", lambda: classifier_from(ctx.work / "teacher_mlm" / "model", 1234), [1, 3])
+    for st in settings:
+        for s in seeds:
+            r = probe_piece(ctx, f"{st}-s{s}", lambda st=st, s=s: student_init(ctx, st, s, log), [0, 1])
+            log(f"probe {st} seed {s}: CLS {[round(a, 4) for a in r['cls']]}, mean {[round(a, 4) for a in r['mean']]}")
+
+
+def probe_table(work: Path, settings, seeds, size: Size) -> str:
+    lines = ["| model | block | probe on the first-token state (what TED's heads read) | probe on the mean over tokens |",
+             "| --- | --- | --- | --- |"]
+    rows = [(PROBED[n], [read(work / "probes" / n / "result.json")]) for n in PROBED]
+    rows += [(f"{short(st, size)} student at its init", [read(work / "probes" / f"{st}-s{s}" / "result.json")
+                                                          for s in seeds]) for st in settings]
+    for label, results in rows:
+        results = [r for r in results if r]
+        if not results:
+            continue
+        for i, layer in enumerate(results[0]["layers"]):
+            cells = [mean_std(pct(r[key][i] for r in results)) if len(results) > 1 else f"{100 * results[0][key][i]:.2f}"
+                     for key in ("cls", "mean")]
+            lines.append(f"| {label} | {layer} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def student_init(ctx: Context, setting: str, seed: int, log):
     """The seed's student for `setting`, built the same way for each method (same weights, same head)."""
     import torch
@@ -586,6 +675,11 @@ def generated_text(rows, teacher, t_filters, pre, info, size: Size, seeds, png, 
               delta_table(rows, seeds, size), "",
               "Stage-1 filter accuracy (each filter with its own stage-1 head, on the frozen model's block output):",
               "", filter_table(rows, t_filters, seeds, size), "", stage1_losses(rows, t_filters, size), ""]
+    probes = probe_table(work, list(rows), seeds, size)
+    if probes.count("\n") > 1:
+        lines += [("Linear probes of the same frozen blocks (SST-2 dev accuracy %; logistic regression fitted to "
+                   "convergence on z-scored features of the training subset; mean ± std over seeds): is the task "
+                   "there to select, at the first token or anywhere in the sequence?"), "", probes, ""]
     if png is not None:
         lines += [f"![SST-2 accuracy by setting and method; stage-1 filter accuracy]({png.name})", ""]
     return "\n".join(lines)
@@ -650,6 +744,10 @@ def main(argv=None, log=print) -> dict:
                         log(f"{name}: another study process is on it; skipped here")
                         continue
                     (reused if was else ran).append(name)
+        try:
+            run_probes(ctx, a.settings, a.seeds, log)
+        except Busy:
+            busy.append("probes")
     teacher = read(work / "teacher" / "result.json")
     if teacher:
         teacher["mlm"] = read(work / "teacher_mlm" / "result.json")

@@ -58,7 +58,8 @@ def test_report_section_written_and_others_kept(two_runs):
     for setting in st.SETTINGS:
         assert f"| {st.short(setting, st.SMOKE)} | TED |" in text
     assert "TED − KD" in text and "Stage-1 filter accuracy" in text and "Stage-1 loss" in text
-    assert "majority class scores" in text
+    assert "majority class scores" in text and "| teacher, fine-tuned | 3 |" in text
+    assert f"| {st.short('random', st.SMOKE)} student at its init | 1 |" in text
     assert "**Partial study.**" not in text
     assert (report.parent / "study_ted.png").stat().st_size > 0
 
@@ -105,6 +106,15 @@ def test_filter_accuracy_counts_each_filters_head():
             head.out.weight.zero_()
             head.out.bias.copy_(torch.tensor([0.0, 1.0]))  # always class 1
     assert st.filter_accuracy(model, filters, data, batch_size=2) == [2 / 3, 2 / 3]
+
+
+def test_linear_probe_finds_a_linear_rule_and_not_noise():
+    """The probe against known answers: a label that is the sign of feature 3 is found; pure noise is not."""
+    g = torch.Generator().manual_seed(0)
+    x, xd = torch.randn(400, 8, generator=g), torch.randn(200, 8, generator=g)
+    y, yd = (x[:, 3] > 0).long(), (xd[:, 3] > 0).long()
+    assert st.linear_probe(x, y, xd, yd) > 0.95
+    assert st.linear_probe(x, torch.randint(0, 2, (400,), generator=g), xd, yd) < 0.7
 
 
 def test_majority_share_counts_the_dev_labels(tmp_path):
