@@ -15,7 +15,9 @@ same student init and the same batches for the three methods):
 
 For every model whose filters TED trains (the teacher's, each TED student's stage 1) the study also
 reports each filter's SST-2 dev accuracy (filter + its stage-1 head on the frozen model's block),
-so one can see whether a student's filters select anything task-relevant.
+so one can see whether a student's filters select anything task-relevant, and linear probes of the
+same frozen blocks (logistic regression fitted to convergence, on the first-token state the heads
+read and on the token mean), so "nothing to select" and "the filters did not find it" are told apart.
 
 Every piece (data, tokenizer, teacher, teacher filters, each student pre-training, each
 distillation run) is cached under --work as a folder holding ``result.json`` (benchmarks/studies.py):
