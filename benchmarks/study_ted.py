@@ -522,7 +522,8 @@ def stage1_losses(rows: dict, t_filters: dict, size: Size) -> str:
             "is chance): " + "; ".join(parts) + ".") if parts else ""
 
 
-def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size, majority: float) -> Path | None:
+def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size, majority: float,
+         work: Path) -> Path | None:
     """Left: dev accuracy per setting and method (mean ± std, each seed a dot). Right: filter accuracy per block."""
     import matplotlib
 
@@ -545,18 +546,23 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size, maj
                         fmt="o", ms=8, capsize=5, color=colors[m], zorder=3, label=m.upper() if i == 0 else None)
     if teacher:
         ax.axhline(100 * teacher["accuracy"], color="k", ls="--", lw=1, label=f"teacher {100 * teacher['accuracy']:.2f}")
-    ax.axhline(100 * majority, color="k", ls=":", lw=1, label=f"majority class ({100 * majority:.2f})")
     ax.set_xticks(range(len(shown)), [short(s, size) for s in shown])
     ax.set_ylabel("SST-2 dev accuracy %")
     ax.set_title("students after distillation: mean ± std (large), each seed (small)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    names, means, errs = [], [], []
+    names, means, errs, probes = [], [], [], []
+
+    def probe(name: str, i: int) -> float:
+        found = [r["cls"][i] for r in (read(work / "probes" / n / "result.json") for n in name) if r]
+        return 100 * statistics.mean(found) if found else float("nan")
+
     if t_filters:
-        for layer, acc in zip(t_filters["layers"], t_filters["accuracy"]):
+        for i, (layer, acc) in enumerate(zip(t_filters["layers"], t_filters["accuracy"])):
             names.append(f"teacher\nblock {layer}")
             means.append(100 * acc)
             errs.append(0.0)
+            probes.append(probe(["teacher"], i))
     for st in shown:
         ted = rows[st]["ted"]
         if not ted:
@@ -565,17 +571,21 @@ def plot(rows: dict, teacher: dict, t_filters: dict, path: Path, size: Size, maj
         for i, layer in enumerate(layers):
             vals = [100 * r["filter_accuracy"][i] for r in ted.values()]
             names.append(short(st, size).replace(" ", "\n") + f"\nblock {layer}")
+            probes.append(probe([f"{st}-s{s}" for s in ted], i))
             means.append(statistics.mean(vals))
             errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
     bx.bar(range(len(names)), means, yerr=errs, capsize=4,
            color=["#333" if n.startswith("teacher") else "#d62" for n in names], alpha=0.8)
+    bx.scatter(range(len(names)), probes, marker="x", s=60, color="k", zorder=4,
+               label="linear probe of the same first-token state, fitted to convergence")
     bx.axhline(100 * majority, color="k", ls=":", lw=1, label=f"majority class ({100 * majority:.2f})")
     if teacher:
         bx.axhline(100 * teacher["accuracy"], color="k", ls="--", lw=1, label="teacher itself")
     bx.set_xticks(range(len(names)), names, fontsize=7)
     bx.set_ylim(40, 100)
     bx.set_ylabel("SST-2 dev accuracy % of filter + its head")
-    bx.set_title("stage-1 filters: does each block's filter select the task? (mean ± std over seeds)", fontsize=10)
+    bx.set_title("stage-1 filters (bars): does each block's filter select the task?\nmean ± std over seeds; "
+                 "x: a linear probe of the same state", fontsize=10)
     bx.legend(fontsize=8)
     bx.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -762,7 +772,7 @@ def main(argv=None, log=print) -> dict:
     (work / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     if a.report:
         png = Path(a.plot) if a.plot else Path(a.report).parent / "study_ted.png"
-        png = plot(rows, teacher, t_filters, png, size, majority_share(work)) or png
+        png = plot(rows, teacher, t_filters, png, size, majority_share(work), work) or png
         shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]
         command = "python benchmarks/study_ted.py " + shlex.join(shown)
         text = generated_text(rows, teacher, t_filters, pre, info, size, a.seeds, png if png.is_file() else None,
