@@ -64,9 +64,9 @@ class Size:
     teacher_layers: int = 4
     teacher_steps: int = 400
     teacher_lr: float = 2e-3
-    memorise_blocks: int = 512  # the memorised teacher's (and its students') training subset
+    memorise_blocks: int = 128  # the memorised teacher's (and its students') training subset
     memorise_steps: int = 600  # further steps of today's teacher on that subset, no dropout
-    memorise_lr: float = 1e-3
+    memorise_lr: float = 2e-3
     sharpen: float = 0.5  # the sharp teacher's temperature
     student_layers: int = 2
     student_steps: int = 200
@@ -262,8 +262,10 @@ def prepare_data(work: Path, data: Path, size: Size, smoke: bool) -> dict:
     return cached(work / "data", compute)[0]
 
 
-def splits_of(work: Path) -> dict[str, torch.Tensor]:
-    return torch.load(work / "data" / "blocks.pt")
+def splits_of(work: Path, size: Size) -> dict[str, torch.Tensor]:
+    splits = torch.load(work / "data" / "blocks.pt")
+    splits["memorise"] = splits["memorise"][: size.memorise_blocks]  # a prefix of one seeded permutation
+    return splits
 
 
 def vocab_of(info: dict, network: str) -> int:
@@ -277,7 +279,7 @@ def load_teacher(work: Path, info: dict, size: Size, network: str):
 
 
 def build_teachers(work: Path, info: dict, size: Size, networks, log) -> dict:
-    splits = splits_of(work)
+    splits = splits_of(work, size)
     out = {}
     for network in networks:
         def compute(folder: Path, network=network) -> dict:
@@ -329,10 +331,12 @@ def measure_unc(work: Path, info: dict, size: Size, view: str, log) -> dict:
     network, _, train_split, held_split = VIEWS[view]
 
     def compute(folder: Path) -> dict:
-        splits, tau = splits_of(work), temperature_of(view, size)
+        splits, tau = splits_of(work, size), temperature_of(view, size)
         teacher = load_teacher(work, info, size, network)
         out = {"view": view, "temperature": tau}
-        for name, ids in (("distill", splits[train_split][: size.unc_blocks]), ("held_out", splits[held_split])):
+        train = splits[train_split]
+        sample = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(4321))[: size.unc_blocks]]
+        for name, ids in (("distill", sample), ("held_out", splits[held_split])):
             logits, targets = flat_positions(teacher_logits(teacher, ids) / tau, ids)
             log_p = F.log_softmax(logits, -1)
             unc = 1.0 - log_p.gather(-1, targets[:, None]).squeeze(-1).exp()
@@ -358,7 +362,7 @@ def train_group(work: Path, info: dict, size: Size, kind: str, seed: int, stop_a
     network, members = GROUPS[kind]
     folder = work / "groups" / f"{kind}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    splits = splits_of(work)
+    splits = splits_of(work, size)
     teacher = load_teacher(work, info, size, network)
     data = splits[VIEWS[members[0][0]][2]]
     assert all(VIEWS[v][2] == VIEWS[members[0][0]][2] for v, _ in members), "a group shares its data"
@@ -613,9 +617,10 @@ def generated(work, info, size, teachers, uncs, runs, groups, finished, png, com
         f"KL(teacher ‖ student), τ = 1, mean over tokens; **ATKD** = `atkd_objective` over forward KL (λ = 0.2, 50 % "
         f"hard tokens, ranked per batch) unless stated. No ground-truth loss. Perplexity is held-out causal-LM "
         f"perplexity against the real next token (lower is better)."), "",
-        ("**1. Teacher uncertainty.** UNC = 1 − p_g (gold token) of each teacher on the first "
-        f"{size.unc_blocks} distillation blocks and on the held-out blocks; perplexity and top-1 accuracy of the "
-        "teacher itself on those tokens."), "", unc_table(uncs, size), ""]
+        ("**1. Teacher uncertainty.** UNC = 1 − p_g (gold token) of each teacher on a seeded random sample of "
+         f"(at most) {size.unc_blocks} blocks of its distillation set and on the held-out blocks, with the teacher's "
+         "own perplexity, top-1 accuracy and mean entropy on those tokens. The students' loss sees the same "
+         "distributions (the sharp teacher's at τ)."), "", unc_table(uncs, size), ""]
     if png is not None:
         lines += [f"![UNC distribution per teacher]({png.name})", ""]
     tline = ", ".join(f"{k} {v['perplexity']:.2f}" for k, v in teachers.items())
