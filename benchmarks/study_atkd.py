@@ -102,7 +102,8 @@ METHODS = {"kd": None, "atkd": DEFAULT,
 SWEEP = ("atkd-lam0.1", "atkd-lam0.5", "atkd-hard0.25", "atkd-hard0.75")
 #: Group kind -> (network, [(view, method)]): students that share a teacher forward and batches.
 GROUPS = {
-    "today": ("today", [("today", "kd"), ("today", "atkd"), ("sharp", "kd"), ("sharp", "atkd")]),
+    "today": ("today", [("today", "kd"), ("today", "atkd")]),
+    "sharp": ("today", [("sharp", "kd"), ("sharp", "atkd")]),
     "memorised": ("memorised", [("memorised", "kd"), ("memorised", "atkd")]),
     "sweep": ("today", [("today", m) for m in SWEEP]),
     "synthetic": ("synthetic", [("synthetic", "kd"), ("synthetic", "atkd")]),
@@ -437,26 +438,27 @@ class Stopped(Exception):
 
 
 # -- the study ------------------------------------------------------------------------------------------
-def plan(seeds, sweep_seeds, synth_seeds) -> list[tuple[str, int]]:
+def plan(seeds, sweep_seeds, synth_seeds, sharp_seeds, kinds=tuple(GROUPS)) -> list[tuple[str, int]]:
     """The groups in the order they run: the core comparison first, so a partial study answers most."""
     out = [(kind, s) for s in seeds for kind in ("today", "memorised")]
     out += [("synthetic", s) for s in synth_seeds[:1]] + [("sweep", s) for s in sweep_seeds]
-    out += [("synthetic", s) for s in synth_seeds[1:]]
-    return out
+    out += [("sharp", s) for s in sharp_seeds] + [("synthetic", s) for s in synth_seeds[1:]]
+    return [(k, s) for k, s in out if k in kinds]
 
 
-def collect(work: Path, groups: list[tuple[str, int]]) -> tuple[dict, dict]:
-    """(view, method) -> seed -> student result; and (kind, seed) -> group result, for finished groups."""
-    runs, finished = {}, {}
-    for kind, seed in groups:
-        done = work / "groups" / f"{kind}-s{seed}" / "result.json"
-        if not done.is_file():
-            continue
+def collect(work: Path) -> dict:
+    """(view, method) -> seed -> student result, over every finished group (whichever group trained it)."""
+    runs = {}
+    for done in sorted((work / "groups").glob("*/result.json")):
         group = json.loads(done.read_text())
-        finished[(kind, seed)] = group
         for r in group["students"].values():
-            runs.setdefault((r["view"], r["method"]), {})[seed] = r
-    return runs, finished
+            runs.setdefault((r["view"], r["method"]), {}).setdefault(group["seed"], r)
+    return runs
+
+
+def covered(runs: dict, kind: str, seed: int) -> bool:
+    """Whether every student of the group already finished (in this group or in another one)."""
+    return all(seed in runs.get(member, {}) for member in GROUPS[kind][1])
 
 
 def fmt_q(s: dict) -> str:
@@ -644,6 +646,9 @@ def main(argv=None, log=print) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sweep-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--synthetic-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--sharp-seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--kinds", nargs="+", choices=list(GROUPS), default=list(GROUPS),
+                    help="only these groups (several processes can share one --work, e.g. one on the sweep)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="toy size on the synthetic corpus (seconds)")
     ap.add_argument("--report", help="results markdown to put the study's section in (e.g. docs/results.md)")
@@ -664,16 +669,21 @@ def main(argv=None, log=print) -> dict:
         return {"error": "size mismatch"}
     saved.write_text(json.dumps(asdict(size), indent=2))
     start, ran, reused, busy = time.time(), [], [], []
-    groups = plan(a.seeds, a.sweep_seeds, a.synthetic_seeds)
+    groups = plan(a.seeds, a.sweep_seeds, a.synthetic_seeds, a.sharp_seeds)
+    mine = [(k, s) for k, s in groups if k in a.kinds]
     info = prepare_data(work, data, size, a.smoke)
-    networks = ["today", "memorised"] + (["synthetic"] if a.synthetic_seeds else [])
-    views = ["today", "sharp", "memorised"] + (["synthetic"] if a.synthetic_seeds else [])
+    views = [v for v in VIEWS if any(v == m[0] for k, _ in groups for m in GROUPS[k][1])]
+    networks = [n for n in ("today", "memorised", "synthetic") if any(VIEWS[v][0] == n for v in views)]
     teachers, uncs = {}, {}
     if not a.report_only:
-        teachers = build_teachers(work, info, size, networks, log)
-        uncs = {v: measure_unc(work, info, size, v, log) for v in views}
-        for kind, seed in groups:
+        need = {VIEWS[m[0]][0] for k, _ in mine for m in GROUPS[k][1]}
+        teachers = build_teachers(work, info, size, [n for n in networks if n in need | {"today"}], log)
+        uncs = {v: measure_unc(work, info, size, v, log) for v in views if VIEWS[v][0] in need}
+        for kind, seed in mine:
             name = f"{kind}-s{seed}"
+            if covered(collect(work), kind, seed) and not (work / "groups" / name / "result.json").is_file():
+                reused.append(name)  # its students were trained in another group (the lockstep makes them equal)
+                continue
             try:
                 group, was = cached(work / "groups" / name, lambda f, k=kind, s=seed: train_group(work, info, size, k, s))
             except Busy:
@@ -688,7 +698,8 @@ def main(argv=None, log=print) -> dict:
     for v in views:
         if (work / f"unc-{v}" / "result.json").is_file():
             uncs[v] = json.loads((work / f"unc-{v}" / "result.json").read_text())
-    runs, finished = collect(work, groups)
+    runs = collect(work)
+    finished = {(k, s): True for k, s in groups if covered(runs, k, s)}
     result = {"teachers": teachers, "data": info, "ran": ran, "reused": reused, "busy": busy,
               "seconds": round(time.time() - start, 1),
               "runs": {f"{v}:{m}": r for (v, m), r in runs.items()}}

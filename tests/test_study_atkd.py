@@ -11,8 +11,8 @@ import torch
 
 from benchmarks import study_atkd as sa
 
-SMOKE = ["--smoke", "--seeds", "0", "--sweep-seeds", "0", "--synthetic-seeds", "0", "--threads", "1"]
-GROUPS = ["today-s0", "memorised-s0", "synthetic-s0", "sweep-s0"]
+SMOKE = ["--smoke", "--seeds", "0", "--sweep-seeds", "0", "--synthetic-seeds", "0", "--sharp-seeds", "0", "--threads", "1"]
+GROUPS = ["today-s0", "memorised-s0", "synthetic-s0", "sweep-s0", "sharp-s0"]
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,9 @@ def test_dkd_share_of_a_one_hot_like_teacher_is_near_zero():
     s_logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = sa.dkd_share(t_logits, s_logits, targets)
     assert got["all"]["share"] < 1e-4 and got["all"]["unc"] < 1e-5
+
+
+def test_a_group_whose_students_were_trained_elsewhere_is_covered():
+    runs = {("sharp", "kd"): {0: {}, 1: {}}, ("sharp", "atkd"): {0: {}}}
+    assert sa.covered(runs, "sharp", 0)  # e.g. both trained in a larger lockstep group of seed 0
+    assert not sa.covered(runs, "sharp", 1) and not sa.covered(runs, "today", 0)
