@@ -566,8 +566,8 @@ def plot_unc(uncs: dict, size: Size, path: Path) -> Path | None:
         ax.set_xlabel("UNC = 1 − p_teacher(gold token)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", title="median UNC on these tokens", title_fontsize=7)
     axes[0].set_ylabel("share of tokens per bin (log)")
-    axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Teacher uncertainty on the gold token (ATKD's premise: an over-confident teacher has UNC near 0)",
                  fontsize=10)
     fig.tight_layout()
