@@ -644,8 +644,8 @@ def main(argv=None, log=print) -> dict:
     ap.add_argument("--data", default=str(DATA), help="the wikitext-2 folder (test.txt, valid.txt)")
     ap.add_argument("--work", default="outputs/study_atkd", help="cache of every finished piece")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sweep-seeds", type=int, nargs="*", default=[0])
-    ap.add_argument("--synthetic-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--sweep-seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--synthetic-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--sharp-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--kinds", nargs="+", choices=list(GROUPS), default=list(GROUPS),
                     help="only these groups (several processes can share one --work, e.g. one on the sweep)")
