@@ -10,7 +10,7 @@ Every piece reuses study_diito.py's (the same data, teacher recipe, CLI `train`/
 lists) and is cached under --work; an interrupted study resumes (a killed student from its last
 Trainer checkpoint), and several processes may share the cache. Budgets run in the order given.
 
-    python benchmarks/study_diito_matched.py --report docs/results.md     # the study (~2 CPU hours)
+    python benchmarks/study_diito_matched.py --report docs/results.md     # the study (~3 CPU hours, teacher included)
     python benchmarks/study_diito_matched.py --smoke --work /tmp/m        # toy size
 """
 
@@ -183,7 +183,8 @@ def main(argv=None, log=print) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(sd.DATA), help="folder holding wikitext-2/ and sst-2/")
     ap.add_argument("--work", default="outputs/study_diito_matched", help="cache of every finished piece")
-    ap.add_argument("--budgets", type=int, nargs="+", default=None, help="DIITO's steps per point (default 600 200)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=None,
+                    help="DIITO's steps per point (default 600; e.g. 600 200 adds the 200-step point on the same teacher)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratio", type=float, default=RATIO, help="time-matched steps / budget")
     ap.add_argument("--threads", type=int, default=1)
@@ -193,7 +194,7 @@ def main(argv=None, log=print) -> dict:
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from cached results")
     a = ap.parse_args(argv)
     base = replace(sd.SMOKE if a.smoke else sd.Size(), matched_factor=a.ratio)
-    budgets = a.budgets or ([4, 2] if a.smoke else [600, 200])
+    budgets = a.budgets or ([4, 2] if a.smoke else [600])
     sizes = {b: replace(base, student_steps=b) for b in budgets}
     data, work = Path(a.data), Path(a.work)
     need = [data / "wikitext-2" / "test.txt", data / "wikitext-2" / "valid.txt", data / "sst-2" / "train.tsv"]
