@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from benchmarks import study_diito_matched as sm
 from benchmarks import studies
+from benchmarks import study_diito_matched as sm
 
 
 def test_cached_computes_once_then_reuses(tmp_path):
