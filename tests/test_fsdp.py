@@ -138,6 +138,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["trainer"] = _trainer_under_torchrun(rank, out_dir)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "sharded.pt"))
+        torch.distributed.barrier()  # neither rank tears the group (and rank 0's store) down while the other uses it
     finally:
         torch.distributed.destroy_process_group()
 
