@@ -50,6 +50,11 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
 
 
 def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
+    return list(load_saved_dataset(p, text_column)[text_column])
+
+
+def load_saved_dataset(p: Path, text_column: str):
+    """A dataset saved with save_to_disk (a DatasetDict's 'train' split), checked to have `text_column`."""
     try:
         import datasets
 
@@ -62,7 +67,7 @@ def _read_saved_dataset(p: Path, text_column: str) -> list[str]:
         ds = ds["train"]
     if text_column not in ds.column_names:
         raise DataError(f"dataset {str(p)!r} has no column '{text_column}' (columns: {ds.column_names})")
-    return list(ds[text_column])
+    return ds
 
 
 #: Texts per tokenizer call: whole-corpus calls peak at several times the ids' own size.

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
+from .data import load_saved_dataset
 from .errors import DataError, DistillConfigError
 
 logger = logging.getLogger("applications.distill")
@@ -62,16 +63,7 @@ def _open(path: str, text_column: str):
     if not p.exists():
         raise DataError(f"data file {path!r} does not exist")
     if p.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # any failure to open becomes one clear message
-            raise DataError(f"{path!r} is a directory but not a dataset saved with save_to_disk: {e}") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"saved DatasetDict {path!r} has no 'train' split (splits: {list(ds)})")
-            ds = ds["train"]
-        if text_column not in ds.column_names:
-            raise DataError(f"dataset {path!r} has no column '{text_column}' (columns: {ds.column_names})")
+        ds = load_saved_dataset(p, text_column)
         return ds.select_columns([text_column]).to_iterable_dataset(num_shards=1)
     builder = "json" if p.suffix in (".jsonl", ".json") else "text"
     try:
