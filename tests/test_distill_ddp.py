@@ -16,6 +16,23 @@ tf.logging.set_verbosity_error()
 
 #: Generous: the subprocesses pay the imports, and CI machines may be loaded; a hang still ends.
 TIMEOUT = 480
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def one_and_two_processes(tmp_path, common: list[str], accumulation: list[str], torchrun_extra: tuple = ()):
+    """The saved weights of `common` run once in one process with `accumulation` flags (output dir `one`) and
+    once under torchrun on 2 gloo processes (output dir `two`)."""
+    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, *accumulation,
+                          "--output-dir", str(tmp_path / "one")], env=ENV, capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "applications.distill", *common, *torchrun_extra,
+                          "--output-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert two.returncode == 0, two.stderr[-2000:]
+    return (load_file(str(tmp_path / "one" / "model.safetensors")),
+            load_file(str(tmp_path / "two" / "model.safetensors")))
 
 
 def test_two_processes_match_one_with_accumulation(tmp_path):
@@ -32,16 +49,7 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
     common = ["train", "--teacher", str(tmp_path / "teacher"), "--train-file", str(tmp_path / "train.txt"),
               "--student-layers", "2", "--batch-size", "4", "--max-steps", "3", "--save-steps", "100",
               "--no-progress", "--no-plot"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
-                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "applications.distill", *common,
-                          "--grad-accum", "1", "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = one_and_two_processes(tmp_path, common, ["--grad-accum", "2"], ("--grad-accum", "1"))
     start = teacher.state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
     for k in a:
@@ -67,16 +75,7 @@ def test_ted_stage2_two_processes_match_one_filters_included(tmp_path):
               "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
               "--train-file", str(tmp_path / "train.tsv"), "--batch-size", "4", "--max-steps", "3",
               "--learning-rate", "1e-2", "--max-length", "24"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--gradient-accumulation-steps", "2",
-                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                         timeout=TIMEOUT, check=False)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "applications.distill", *common, "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = one_and_two_processes(tmp_path, common, ["--gradient-accumulation-steps", "2"])
     start = load_file(str(tmp_path / "student" / "model.safetensors"))
     assert any(not torch.equal(a[k], start[k]) for k in a)
     for k in a:
@@ -102,16 +101,7 @@ def test_offline_teacher_logits_two_processes_match_one(tmp_path):
               "--teacher-logits", str(tmp_path / "logits"), "--objectives", "ce", "--student-layers", "1",
               "--max-length", "32", "--batch-size", "4", "--max-steps", "3", "--save-steps", "100",
               "--learning-rate", "1e-2", "--no-progress", "--no-plot"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "applications.distill", *common, "--grad-accum", "2",
-                          "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                         timeout=TIMEOUT, check=False)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "applications.distill", *common, "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = one_and_two_processes(tmp_path, common, ["--grad-accum", "2"])
     start = teacher.state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # training moved the weights
     for k in a:
