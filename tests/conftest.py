@@ -107,3 +107,14 @@ def save_bert_teacher(folder, texts: list[str], vocab: int, *, layers: int = 4, 
     teacher.save_pretrained(folder)
     tok.save_pretrained(folder)
     return teacher
+
+
+def run_study_twice(main, argv: list[str], work) -> tuple[dict, dict, dict]:
+    """A study's `main(argv)`, then the same command again on the same cache `work`: (first result, second
+    result, the result.json files' modification times after the first), to check that nothing reruns."""
+    from pathlib import Path
+
+    first = main(argv, log=lambda *_: None)
+    stamps = {p: os.path.getmtime(p) for p in Path(work).rglob("result.json")}
+    second = main(argv, log=lambda *_: None)
+    return first, second, stamps

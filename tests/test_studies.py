@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_study_twice
 
 from benchmarks import studies
 from benchmarks import study_diito_matched as sm
@@ -83,9 +84,7 @@ def matched(tmp_path_factory):
     report = tmp / "results.md"
     report.write_text("# Results\n\n## Other\n\ntext\n")
     argv = ["--smoke", "--budgets", "2", "--seeds", "0", "--work", str(tmp / "w"), "--report", str(report)]
-    first = sm.main(argv, log=lambda *_: None)
-    stamps = {p: os.path.getmtime(p) for p in (tmp / "w").rglob("result.json")}
-    second = sm.main(argv, log=lambda *_: None)
+    first, second, stamps = run_study_twice(sm.main, argv, tmp / "w")
     return tmp, report, first, second, stamps
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_study_twice
 
 from benchmarks import study_atkd as sa
 
@@ -23,9 +24,7 @@ def two_runs(tmp_path_factory):
     report.parent.mkdir()
     report.write_text(f"# Results\n\n{sa.HEADING}\n\nmy reading\n\n## Someone else's study\n\nTheir text.\n")
     argv = SMOKE + ["--work", str(tmp / "work"), "--report", str(report)]
-    first = sa.main(argv, log=lambda *_: None)
-    stamps = {p: os.path.getmtime(p) for p in (tmp / "work").rglob("result.json")}
-    second = sa.main(argv, log=lambda *_: None)
+    first, second, stamps = run_study_twice(sa.main, argv, tmp / "work")
     return tmp, report, first, second, stamps
 
 

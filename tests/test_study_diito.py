@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+from conftest import run_study_twice
 
 from benchmarks import study_diito as sd
 
@@ -21,9 +22,7 @@ def two_runs(tmp_path_factory):
     report.parent.mkdir()
     report.write_text("# Results\n\n## Someone else's study\n\nTheir text.\n")
     argv = SMOKE + ["--work", str(tmp / "work"), "--report", str(report)]
-    first = sd.main(argv, log=lambda *_: None)
-    stamps = {p: os.path.getmtime(p) for p in (tmp / "work").rglob("result.json")}
-    second = sd.main(argv, log=lambda *_: None)
+    first, second, stamps = run_study_twice(sd.main, argv, tmp / "work")
     return tmp, report, first, second, stamps
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_study_twice
 
 from benchmarks import study_ted as st
 
@@ -21,9 +22,7 @@ def two_runs(tmp_path_factory):
     report.parent.mkdir()
     report.write_text(f"# Results\n\n## Someone else's study\n\nTheir text.\n\n{st.HEADING}\n\nmy reading\n")
     argv = SMOKE + ["--work", str(tmp / "work"), "--report", str(report)]
-    first = st.main(argv, log=lambda *_: None)
-    stamps = {p: os.path.getmtime(p) for p in (tmp / "work").rglob("result.json")}
-    second = st.main(argv, log=lambda *_: None)
+    first, second, stamps = run_study_twice(st.main, argv, tmp / "work")
     return tmp, report, first, second, stamps
 
 
