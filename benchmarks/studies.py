@@ -116,3 +116,21 @@ def write_section(results_md: Path, heading: str, generated: str, name: str) -> 
             text = text[:line_end] + "\n\n" + block + text[line_end:]
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(text, encoding="utf-8")
+
+
+def unigram_perplexity(tokenizer, train_texts: list[str], eval_texts: list[str], max_length: int) -> float:
+    """Held-out perplexity of the training unigram distribution (add-one), special tokens left out.
+
+    The reference for masked-LM perplexities: a model that ignores context cannot beat it by much."""
+    import math
+
+    import torch
+
+    special = set(tokenizer.all_special_ids)
+
+    def ids(texts):
+        enc = tokenizer([t for t in texts if t.strip()], truncation=True, max_length=max_length)["input_ids"]
+        return torch.tensor([i for x in enc for i in x if i not in special])
+
+    counts = torch.bincount(ids(train_texts), minlength=len(tokenizer)).double() + 1
+    return math.exp(float(-(counts / counts.sum())[ids(eval_texts)].log().mean()))

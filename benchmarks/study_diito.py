@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import shlex
@@ -393,21 +392,13 @@ def unigram_perplexity(work: Path, max_length: int) -> float:
     cache = work / "unigram.json"
     if cache.is_file():
         return json.loads(cache.read_text())["perplexity"]
-    import torch
     import transformers as tf
 
     from applications.distill.data import read_texts
 
     tok = tf.AutoTokenizer.from_pretrained(str(work / "teacher"))
-    special = set(tok.all_special_ids)
-
-    def ids(name):
-        enc = tok(read_texts(str(work / "data" / name)), truncation=True, max_length=max_length)["input_ids"]
-        return torch.tensor([i for x in enc for i in x if i not in special])
-
-    counts = torch.bincount(ids("train.txt"), minlength=len(tok)).double() + 1
-    probs = counts / counts.sum()
-    ppl = math.exp(float(-probs[ids("eval.txt")].log().mean()))
+    ppl = studies.unigram_perplexity(tok, read_texts(str(work / "data" / "train.txt")),
+                                     read_texts(str(work / "data" / "eval.txt")), max_length)
     cache.write_text(json.dumps({"perplexity": ppl}))
     return ppl
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks import studies
 from benchmarks.studies import Busy, cached, mean_std, paired, write_section
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -607,24 +608,17 @@ def unigram_perplexity(work: Path, max_length: int) -> float:
     """Reference for the MLM perplexities: held-out perplexity of the training unigram distribution (add-one).
 
     A masked LM that ignores context cannot beat it by much (cached in work/unigram.json)."""
-    import math
-
-    import torch
     from transformers import PreTrainedTokenizerFast
 
     cache = work / "unigram.json"
     if cache.is_file():
         return json.loads(cache.read_text())["perplexity"]
     tok = PreTrainedTokenizerFast.from_pretrained(str(work / "data" / "tokenizer"))
-    special = set(tok.all_special_ids)
 
-    def ids(name):
-        texts = (work / "data" / name).read_text(encoding="utf-8").splitlines()
-        enc = tok([t for t in texts if t.strip()], truncation=True, max_length=max_length)["input_ids"]
-        return torch.tensor([i for x in enc for i in x if i not in special])
+    def texts(name):
+        return (work / "data" / name).read_text(encoding="utf-8").splitlines()
 
-    counts = torch.bincount(ids("mlm_train.txt"), minlength=len(tok)).double() + 1
-    ppl = math.exp(float(-(counts / counts.sum())[ids("mlm_eval.txt")].log().mean()))
+    ppl = studies.unigram_perplexity(tok, texts("mlm_train.txt"), texts("mlm_eval.txt"), max_length)
     cache.write_text(json.dumps({"perplexity": ppl}))
     return ppl
 
