@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
-from .data import load_saved_dataset
+from .data import load_saved_dataset, tokenize
 from .errors import DataError, DistillConfigError
 
 logger = logging.getLogger("applications.distill")
@@ -138,16 +138,7 @@ class StreamedTexts(IterableDataset):
 
     def _tokenize(self, batch: dict) -> dict:
         texts = [str(t).strip() for t in batch[self.corpus.text_column]]
-        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
-        if long:  # only these need the tokenizer's own truncation (shorter ones come out the same)
-            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length,
-                                 add_special_tokens=True)["input_ids"]
-            for i, x in zip(long, cut):
-                ids[i] = x
-        truncated = [False] * len(ids)
-        for i in long:
-            truncated[i] = True
+        ids, truncated = tokenize(self.tokenizer, texts, self.max_length)
         return {"input_ids": ids, "truncated": truncated}
 
     def one_pass(self, epoch: int = 0) -> Iterator[dict]:
