@@ -216,36 +216,56 @@ def train(cfg: DistillConfig, *, teacher: nn.Module | None = None, tokenizer=Non
         place_frozen=lambda module, tr: place_teacher(module, tr, cfg.fsdp_options.teacher_offload),
         callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
     fsdp = fsdp_report(cfg.fsdp_options, trainer)  # warns when --fsdp was asked for but accelerate fell back
-    if not cfg.progress:
-        trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        begin_run(out, sources=_sources(cfg), overwrite=cfg.overwrite_output_dir, options=cfg.to_dict())
-    finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
-    if finished is not None:  # killed after its last step: restore it (the Trainer would take one step more)
-        train_loss = _restore(trainer, Path(resume), finished)
-    else:
-        train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
+    train_loss = _run(trainer, cfg, resume)
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step,
                "train_loss": train_loss, "objectives": weights, "causal": causal,
                "student_layers": num_layers(student), "teacher_layers": num_layers(teacher),
                "data": dataset.summary() if cfg.streaming else
                {"examples": len(dataset), "dropped_short": dataset.dropped, "truncated": dataset.truncated}}
+
+    def save_projection(folder: Path) -> None:
+        if projection is not None:
+            torch.save(projection.state_dict(), folder / "cos_projection.pt")
+
+    evaluate_student = (lambda: _evaluate(cfg, student, eval_texts, tokenizer, teacher)) if eval_texts is not None \
+        else None
+    return _finish(trainer, cfg, student, tokenizer, weights, summary, fsdp, evaluate_student, save_projection)
+
+
+def _run(trainer: DistillTrainer, cfg: DistillConfig, resume) -> float:
+    """Start the run in its output directory (rank 0), then train, or resume from `resume`; the training loss."""
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+    if trainer.is_world_process_zero():
+        begin_run(Path(cfg.output_dir), sources=_sources(cfg), overwrite=cfg.overwrite_output_dir,
+                  options=cfg.to_dict())
+    finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
+    if finished is not None:  # killed after its last step: restore it (the Trainer would take one step more)
+        return _restore(trainer, Path(resume), finished)
+    return trainer.train(resume_from_checkpoint=resume or None).training_loss
+
+
+def _finish(trainer: DistillTrainer, cfg: DistillConfig, student: nn.Module, tokenizer, weights: dict, summary: dict,
+            fsdp: dict | None, evaluate_student=None, save_extra=None) -> dict:
+    """Save the student (a save_pretrained directory with its tokenizer, options, loss plot and summary.json),
+    evaluated by `evaluate_student()` when given; `save_extra(folder)` adds a method's own files."""
+    out = Path(cfg.output_dir)
     if fsdp is not None:
         summary["fsdp"] = fsdp
     enable_cache(student)
     trainer.save_model(str(out))  # every rank: under FSDP gathering the full state dict is collective; rank 0 writes
-    if trainer.is_fsdp_enabled and eval_texts is not None:  # a sharded model's forward is collective too
-        summary["eval"] = _evaluate(cfg, student, eval_texts, tokenizer, teacher)
+    if trainer.is_fsdp_enabled and evaluate_student is not None:  # a sharded model's forward is collective too
+        summary["eval"] = evaluate_student()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
-        if projection is not None:
-            torch.save(projection.state_dict(), out / "cos_projection.pt")
+        if save_extra is not None:
+            save_extra(out)
         (out / "distill_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_objectives": weights},
                                                              indent=2, default=str))
         if cfg.plot and (out / "log.csv").is_file():
             summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
-        if eval_texts is not None and not trainer.is_fsdp_enabled:
-            summary["eval"] = _evaluate(cfg, student, eval_texts, tokenizer, teacher)
+        if evaluate_student is not None and not trainer.is_fsdp_enabled:
+            summary["eval"] = evaluate_student()
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -280,37 +300,21 @@ def _train_offline(cfg: DistillConfig, student: nn.Module, tokenizer, dataset, w
                              data_collator=OfflineCollator(tokenizer.pad_token_id), method=method,
                              warmup_ratio=cfg.warmup_ratio, callbacks=[CSVLogCallback(out / "log.csv"), *callbacks])
     fsdp = fsdp_report(cfg.fsdp_options, trainer, live_teacher=False)
-    if not cfg.progress:
-        trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        begin_run(out, sources=_sources(cfg), overwrite=cfg.overwrite_output_dir, options=cfg.to_dict())
-    finished = _finished_state(Path(resume), trainer.args.max_steps) if resume else None
-    if finished is not None:
-        train_loss = _restore(trainer, Path(resume), finished)
-    else:
-        train_loss = trainer.train(resume_from_checkpoint=resume or None).training_loss
+    train_loss = _run(trainer, cfg, resume)
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_loss": train_loss,
                "objectives": weights, "causal": True, "teacher_logits": cfg.teacher_logits,
                "student_layers": num_layers(student), "teacher_layers": n_teacher,
                "data": {"examples": len(dataset), "dropped_short": dataset.data.dropped,
                         "truncated": dataset.data.truncated}}
-    if fsdp is not None:
-        summary["fsdp"] = fsdp
-    enable_cache(student)
-    trainer.save_model(str(out))  # every rank (collective under FSDP); rank 0 writes
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
-        (out / "distill_config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_objectives": weights},
-                                                             indent=2, default=str))
-        if cfg.plot and (out / "log.csv").is_file():
-            summary["plot"] = str(plot_losses({"student": out / "log.csv"}, out / "loss_curve.png"))
-        if eval_texts is not None:
-            from .evaluate import EVAL_SEED, evaluate
 
-            summary["eval"] = evaluate(student, eval_texts, tokenizer, max_length=cfg.max_length, seed=EVAL_SEED,
-                                       batch_size=cfg.eval_batch_size)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    def evaluate_student() -> dict:
+        from .evaluate import EVAL_SEED, evaluate
+
+        return evaluate(student, eval_texts, tokenizer, max_length=cfg.max_length, seed=EVAL_SEED,
+                        batch_size=cfg.eval_batch_size)
+
+    return _finish(trainer, cfg, student, tokenizer, weights, summary, fsdp,
+                   evaluate_student if eval_texts is not None else None)
 
 
 def min_tokens(causal: bool, span_fraction: float | None) -> tuple[int, str]:
